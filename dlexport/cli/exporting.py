@@ -1,0 +1,57 @@
+"""export, inspect, validate."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="export a model to per-layer ONNX subgraphs and validate them")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="HF folder or hub id, 'smollm2-135m' (embedded), or a shape name with --random-weights")
+    p.add_argument("--random-weights", action="store_true", help="build --model's named shape with random weights")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--no-validate", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an export of another model in --out")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("inspect", help="summarise an export or engine folder")
+    p.add_argument("dir", type=Path)
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("validate", help="re-run an export's validation against PyTorch")
+    p.add_argument("dir", type=Path)
+    p.set_defaults(func=_validate)
+
+
+def _export(args) -> int:
+    from ..exporter import export
+
+    export(args.model, args.out, random_weights=args.random_weights, dtype=args.dtype, opset=args.opset,
+           validate=not args.no_validate, overwrite=args.overwrite)
+    return 0
+
+
+def _inspect(args) -> int:
+    from ..exporter.inspect import describe
+
+    print(describe(args.dir))
+    return 0
+
+
+def _validate(args) -> int:
+    from ..exporter.sources import load_source
+    from ..exporter.validate import validate
+    from ..manifest import Manifest
+
+    manifest = Manifest.load(args.dir)
+    manifest.verify_files()
+    dtype = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[manifest.dtype]
+    loaded = load_source(manifest.data["source"], dtype=dtype)
+    report = validate(manifest, loaded)
+    manifest.data["validation"] = report.to_json()
+    manifest.save()
+    report.raise_if_failed()
+    print("validation passed")
+    return 0

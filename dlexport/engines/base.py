@@ -1,0 +1,58 @@
+"""The engine interface every backend implements: one compiled subgraph, run on buffers that stay on the device."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from ..exporter.architectures import TensorSpec
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A requested backend or execution provider is not installed or has no device here."""
+
+
+class Engine(ABC):
+    """A loaded subgraph. ``run`` takes torch tensors on ``device`` and returns torch tensors on ``device``.
+
+    Returned tensors may be views of buffers the engine reuses on its next call: copy what must outlive it.
+    """
+
+    name: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    device: torch.device
+
+    @abstractmethod
+    def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        ...
+
+    def output_shape(self, spec: TensorSpec, feeds: dict[str, torch.Tensor]) -> tuple[int, ...]:
+        """Resolve an output's symbolic dims from the inputs that carry the same names (batch, tokens, ...)."""
+        sizes = {}
+        for s in self.inputs:
+            for dim, size in zip(s.shape, feeds[s.name].shape):
+                if isinstance(dim, str):
+                    sizes[dim] = size
+        return tuple(sizes[d] if isinstance(d, str) else d for d in spec.shape)
+
+
+class OutputPool:
+    """Reused output buffers: one flat allocation per output, grown only when a larger shape first appears.
+
+    A prefix of a flat buffer is contiguous for any shape, so every call gets a view with no allocation.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device, self.flat = device, {}
+
+    def view(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        numel = 1
+        for s in shape:
+            numel *= s
+        buf = self.flat.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = self.flat[name] = torch.empty(max(numel, 1), dtype=dtype, device=self.device)
+        return buf[:numel].view(shape)

@@ -1,0 +1,240 @@
+"""Export a model to per-subgraph ONNX files, one at a time, resumably, then validate them."""
+from __future__ import annotations
+
+import logging
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..files import Journal, sha256_file
+from ..manifest import FORMAT, FORMAT_VERSION, MANIFEST, Manifest, layer_name, model_fingerprint
+from .architectures import Architecture, TensorSpec, architecture_for
+from .sources import LoadedModel, load_model
+
+DEFAULT_OPSET = 18  # plain MatMul/Softmax: parsed by TensorRT 10.3 (JetPack 6) as well as 10.x/11.x and ORT
+JOURNAL = ".export-progress.json"
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ExportDirError(RuntimeError):
+    pass
+
+
+@dataclass
+class Subgraph:
+    name: str  # "embed", "layer_07", "head"
+    file: str  # relative to the export folder
+    module: torch.nn.Module
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+def subgraphs(arch: Architecture) -> list[Subgraph]:
+    n = arch.numbers.num_layers
+    out = [Subgraph("embed", "embed.onnx", arch.embed_module(), *arch.embed_io())]
+    for i in range(n):
+        name = layer_name(i, n)
+        out.append(Subgraph(name, f"layers/{name}.onnx", arch.layer_module(i), *arch.layer_io(i)))
+    out.append(Subgraph("head", "head.onnx", arch.head_module(), *arch.head_io()))
+    return out
+
+
+def example_inputs(arch: Architecture, sub: Subgraph, batch=2, tokens=3, past=5) -> tuple:
+    """Export-time examples; sizes are not 0 or 1 so that torch.export keeps every dimension dynamic."""
+    n, dtype = arch.numbers, next(arch.model.parameters()).dtype
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    values = []
+    for spec in sub.inputs:
+        sizes = {"batch": batch, "tokens": tokens, "past": past, "past_plus_tokens": past + tokens}
+        shape = [sizes.get(d, d) for d in spec.shape]
+        if spec.name == "input_ids":
+            values.append(torch.randint(0, n.vocab_size, shape, generator=gen))
+        elif spec.name == "position_ids":
+            values.append(torch.arange(past, past + tokens).expand(batch, tokens).contiguous())
+        elif spec.name == "attention_mask":
+            values.append(torch.zeros(shape, dtype=dtype))
+        else:
+            values.append(rand(*shape))
+    return tuple(values)
+
+
+def _dynamic_shapes(sub: Subgraph) -> tuple:
+    dims = {
+        "batch": torch.export.Dim("batch", min=1, max=4096),
+        "tokens": torch.export.Dim("tokens", min=1, max=1 << 16),
+        "past": torch.export.Dim("past", min=0, max=1 << 16),
+        "past_plus_tokens": torch.export.Dim.AUTO,  # torch.export derives it from past and tokens
+    }
+    shapes = [{i: dims[d] for i, d in enumerate(s.shape) if isinstance(d, str)} for s in sub.inputs]
+    if sub.name.startswith("layer_"):
+        return (shapes[0], shapes[1], tuple(shapes[2:]))  # the layer wrapper's forward(hidden, mask, *rest)
+    return tuple(shapes)
+
+
+def _name_dims(model, sub: Subgraph) -> None:
+    """Give graph inputs/outputs the contract's dimension names (torch.export calls some of them s43, s20 + s69)."""
+    import onnx_ir as ir
+
+    for value, spec in zip(list(model.graph.inputs) + list(model.graph.outputs), sub.inputs + sub.outputs):
+        value.shape = ir.Shape([ir.SymbolicDim(d) if isinstance(d, str) else d for d in spec.shape])
+
+
+def export_subgraph(arch: Architecture, sub: Subgraph, path: Path, opset: int) -> None:
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            sub.module,
+            example_inputs(arch, sub),
+            dynamo=True,
+            dynamic_shapes=_dynamic_shapes(sub),
+            input_names=[s.name for s in sub.inputs],
+            output_names=[s.name for s in sub.outputs],
+            opset_version=opset,
+            verbose=False,
+        )
+    _name_dims(program.model, sub)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(path), external_data=None)  # inline below the 2 GB protobuf limit, external data above
+
+
+def _files_of(folder: Path, rel: str) -> list[dict]:
+    files = [rel] + ([rel + ".data"] if (folder / (rel + ".data")).exists() else [])
+    return [{"path": f, "size": (folder / f).stat().st_size, "sha256": sha256_file(folder / f)} for f in files]
+
+
+def _still_whole(folder: Path, facts) -> bool:
+    return bool(facts) and all(
+        (folder / f["path"]).exists()
+        and (folder / f["path"]).stat().st_size == f["size"]
+        and sha256_file(folder / f["path"]) == f["sha256"]
+        for f in facts
+    )
+
+
+def _check_out_dir(out: Path, identity: dict, overwrite: bool) -> None:
+    """Refuse to mix two models' files in one folder; an interrupted export of the same model is resumed."""
+    manifest = out / MANIFEST
+    if not manifest.exists():
+        return
+    try:
+        old = Manifest.load(out).data
+    except (ValueError, FileNotFoundError):
+        old = {}
+    same = {k: old.get(k) for k in identity} == identity
+    if same:
+        return
+    if not overwrite:
+        raise ExportDirError(
+            f"{out} holds an export of another model or setting (source {old.get('source')!r}, fingerprint "
+            f"{old.get('fingerprint')}, dtype {old.get('dtype')}, opset {old.get('opset')}); this export is "
+            f"{identity}. Choose another --out, or pass --overwrite to replace it."
+        )
+    shutil.rmtree(out)
+
+
+def export(
+    model: str | LoadedModel,
+    out: Path | str,
+    *,
+    random_weights: bool = False,
+    dtype: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    validate: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+    log=print,
+) -> Manifest:
+    """Export ``model`` into ``out`` (see architectures/base.py for the I/O contract) and, by default, validate it."""
+    from tqdm.auto import tqdm
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    out = Path(out)
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, random_weights=random_weights)
+    fingerprint = model_fingerprint(loaded.model)
+    loaded.model.to(_DTYPES[dtype]).eval()
+    arch = architecture_for(loaded.model)
+    identity = {"fingerprint": fingerprint, "dtype": arch.float_dtype(), "opset": opset}
+    _check_out_dir(out, identity, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    journal = Journal(out / JOURNAL, identity)
+    staging = out / ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+
+    entries = {}
+    subs = subgraphs(arch)
+    bar = tqdm(subs, desc=f"export {loaded.source}", unit="graph", disable=not progress)
+    for sub in bar:
+        bar.set_postfix_str(sub.name)
+        facts = journal.get(sub.name)
+        if not _still_whole(out, facts):
+            tmp = staging / sub.file
+            export_subgraph(arch, sub, tmp, opset)
+            # move data first, the .onnx last, then record: an interrupted step is redone, never trusted
+            for suffix in (".data", ""):
+                src = staging / (sub.file + suffix)
+                if src.exists():
+                    (out / sub.file).parent.mkdir(parents=True, exist_ok=True)
+                    src.replace(out / (sub.file + suffix))
+            facts = _files_of(out, sub.file)
+            journal.record(sub.name, facts)
+        entries[sub.name] = {
+            "file": sub.file,
+            "files": facts,
+            "inputs": [s.to_json() for s in sub.inputs],
+            "outputs": [s.to_json() for s in sub.outputs],
+        }
+    shutil.rmtree(staging, ignore_errors=True)
+
+    tokenizer = None
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(out / "tokenizer")
+        tokenizer = "tokenizer"
+
+    manifest = Manifest(out, {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "source": loaded.source,
+        **identity,
+        "architecture": arch.numbers.to_json(),
+        "rotary": arch.rotary,
+        "special_tokens": _special_tokens(loaded),
+        "created_by": {"dlexport": __version__, "torch": torch.__version__, "transformers": _version("transformers")},
+        "subgraphs": entries,
+        "tokenizer": tokenizer,
+    })
+    manifest.save()
+    journal.remove()
+    log(f"exported {len(entries)} subgraphs of {loaded.source} to {out}")
+    if validate:
+        from .validate import validate as run_validation
+
+        report = run_validation(manifest, loaded, log=log)
+        manifest.data["validation"] = report.to_json()
+        manifest.save()
+        report.raise_if_failed()
+    return manifest
+
+
+def _special_tokens(loaded: LoadedModel) -> dict:
+    cfg = loaded.model.generation_config if hasattr(loaded.model, "generation_config") else None
+    eos = getattr(cfg, "eos_token_id", None) if cfg is not None else None
+    eos = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    pad = getattr(loaded.tokenizer, "pad_token_id", None) if loaded.tokenizer is not None else None
+    bos = getattr(loaded.model.config, "bos_token_id", None)
+    return {"eos_token_ids": eos, "pad_token_id": pad, "bos_token_id": bos}
+
+
+def _version(pkg: str) -> str:
+    from importlib.metadata import version
+
+    return version(pkg)

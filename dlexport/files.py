@@ -1,0 +1,64 @@
+"""File helpers every long job uses: hashing, atomic writes, and a resumable progress journal."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write to a temporary file in the same folder, then rename: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path} is not valid JSON ({e}); it may be corrupt: recreate it") from None
+
+
+class Journal:
+    """Finished steps of a long job, keyed by name, each with the facts that make it reusable (hashes, settings).
+
+    A step is recorded only after its files are complete and renamed into place, so an interrupted job resumes
+    from the last finished step and nothing half-written is ever taken for done.
+    """
+
+    def __init__(self, path: Path, identity: dict):
+        self.path, self.identity = Path(path), identity
+        data = read_json(self.path, "progress journal") if self.path.exists() else {}
+        self.steps: dict = data.get("steps", {}) if data.get("identity") == identity else {}
+
+    def get(self, name: str):
+        return self.steps.get(name)
+
+    def record(self, name: str, facts) -> None:
+        self.steps[name] = facts
+        write_json_atomic(self.path, {"identity": self.identity, "steps": self.steps})
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)

@@ -1,0 +1,292 @@
+"""The stitching runtime: embedding, then only the layers a plan or an exit decision asks for, then the exit head.
+
+The per-token path is ``_step`` -> ``_run_layers`` -> ``_layer``: a few engine calls on buffers that stay on the
+device. Early exit policy (exact caches): when a token exits after layer e, the deeper layers have no key/value for
+its position yet. Its hidden state is kept as *pending*; the next time a deeper layer runs, it first takes every
+pending position in the same call (they join the current token as extra new tokens). Each deeper layer therefore
+computes exactly the key/values the full plan would have, only later; early exit changes which token is emitted,
+never the cache. With a batch, a token exits only when every row passes the criterion.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..engines import open_engines
+from ..engines.base import TORCH_DTYPES, Engine
+from ..manifest import Manifest
+from .exits import exit_score
+from .kv_cache import KVCache
+from .plan import Plan
+from .sampling import Sampling, pick
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+@dataclass
+class StepStats:
+    layers_executed: int  # decoder layers this token ran (pending fills of earlier tokens not counted)
+    exit_layer: int | None  # layer after which the token exited, None when it ran the whole plan
+
+
+@dataclass
+class Generation:
+    prompt_tokens: list[list[int]]
+    tokens: list[list[int]]
+    texts: list[str]
+    steps: list[StepStats]
+    timings_ms: dict[str, float]  # per subgraph, when profiling (synchronised per call)
+    prefill_s: float
+    total_s: float
+    plan: str = ""
+    extra: dict = field(default_factory=dict)  # strategy-specific statistics
+
+    @property
+    def new_tokens(self) -> int:
+        return max((len(t) for t in self.tokens), default=0)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens * len(self.tokens) / self.total_s if self.total_s else 0.0
+
+    @property
+    def mean_layers(self) -> float:
+        return sum(s.layers_executed for s in self.steps) / len(self.steps) if self.steps else 0.0
+
+
+@dataclass
+class _Segment:
+    """Hidden states of consecutive new positions (plus their rotary cos/sin), at some depth."""
+
+    hidden: torch.Tensor
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+    frontier: int = -1  # index into the plan's layers of the last layer applied
+
+    def prepend(self, older: "_Segment") -> None:
+        self.hidden = torch.cat([older.hidden, self.hidden], dim=1)
+        if self.cos is not None:
+            self.cos = torch.cat([older.cos, self.cos], dim=1)
+            self.sin = torch.cat([older.sin, self.sin], dim=1)
+
+
+class Runtime:
+    def __init__(self, manifest: Manifest, engines: dict[str, Engine], tokenizer=None):
+        self.manifest, self.engines, self.tokenizer = manifest, engines, tokenizer
+        a = manifest.arch
+        self.num_layers, self.kv_heads, self.head_dim = a["num_layers"], a["num_kv_heads"], a["head_dim"]
+        self.max_positions = a["max_positions"]
+        self.dtype = TORCH_DTYPES[manifest.dtype]
+        self.device = engines["embed"].device
+        self.rotary = manifest.rotary
+        self.layer_keys = [manifest.layer_key(i) for i in range(self.num_layers)]
+        special = manifest.data.get("special_tokens", {})
+        self.eos = list(special.get("eos_token_ids") or [])
+        self.pad_id = special.get("pad_token_id")
+        if self.pad_id is None:
+            self.pad_id = self.eos[0] if self.eos else 0
+        self.profile = False
+        self._timings: dict[str, float] = {}
+
+    @classmethod
+    def load(cls, path: Path | str, *, backend: str = "onnxruntime", device: str = "cpu",
+             threads: int | None = None, layers=None, opt_level: str = "all") -> "Runtime":
+        """Load an export folder (ONNX files) or an engine folder built by ``dlexport build``.
+
+        ``layers`` restricts which layer engines are loaded (a plan's layers), to save memory on small devices.
+        """
+        manifest, engines = open_engines(Path(path), backend=backend, device=device, threads=threads,
+                                         layers=layers, opt_level=opt_level)
+        tokenizer = None
+        tdir = manifest.tokenizer_dir()
+        if tdir is not None and tdir.exists():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tdir)
+            tokenizer.padding_side = "left"
+        return cls(manifest, engines, tokenizer)
+
+    # -- public API ---------------------------------------------------------------------------------------------
+    def generate(self, prompts, max_new_tokens: int = 32, plan: Plan | None = None, *,
+                 sampling: Sampling = Sampling(), stop_tokens=None, profile: bool = False) -> Generation:
+        """Generate for one prompt or a batch (str, list of str, or lists of token ids; batches are left-padded)."""
+        events = list(self.stream(prompts, max_new_tokens, plan, sampling=sampling, stop_tokens=stop_tokens,
+                                  profile=profile))
+        return events[-1].result if events else None
+
+    def stream(self, prompts, max_new_tokens: int = 32, plan: Plan | None = None, *,
+               sampling: Sampling = Sampling(), stop_tokens=None, profile: bool = False) -> Iterator["StreamEvent"]:
+        """Yield one event per generated token; the last event carries the whole ``Generation``."""
+        plan = plan or Plan.full(self.manifest)
+        plan.check_model(self.manifest)
+        missing = [i for i in plan.layers if self.layer_keys[i] not in self.engines]
+        if missing:
+            raise ValueError(f"the plan runs layers {missing}, which this runtime did not load; load them with "
+                             "Runtime.load(..., layers=None) or build engines for this plan")
+        ids, valid = self._encode(prompts)
+        stops = set(self.eos if stop_tokens is None else stop_tokens)
+        with torch.inference_mode():
+            yield from self._generate(ids, valid, max_new_tokens, plan, sampling, stops, profile)
+
+    # -- preparing a request ------------------------------------------------------------------------------------
+    def _encode(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts:
+            raise ValueError("no prompt given")
+        if isinstance(prompts[0], str):
+            if self.tokenizer is None:
+                raise ValueError("this export has no tokenizer: pass token ids instead of text")
+            rows = [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+        else:
+            rows = [list(map(int, p)) for p in prompts]
+        if any(len(r) == 0 for r in rows):
+            raise ValueError("a prompt is empty: give at least one token")
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.int64)
+        valid = torch.zeros((len(rows), width), dtype=torch.bool)
+        for b, r in enumerate(rows):
+            ids[b, width - len(r):] = torch.tensor(r)
+            valid[b, width - len(r):] = True
+        return ids, valid
+
+    def _check_length(self, prompt_len: int, max_new_tokens: int, extra: int = 0) -> int:
+        capacity = prompt_len + max_new_tokens + extra
+        if prompt_len > self.max_positions:
+            raise PromptTooLongError(
+                f"the prompt has {prompt_len} tokens but the model's context is {self.max_positions}: shorten it")
+        if capacity > self.max_positions:
+            raise PromptTooLongError(
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = {capacity} exceeds the model's "
+                f"context of {self.max_positions} positions: shorten the prompt or lower max_new_tokens")
+        return capacity
+
+    def new_cache(self, layers, batch: int, capacity: int) -> KVCache:
+        return KVCache(layers, batch, self.kv_heads, capacity, self.head_dim, self.dtype, self.device)
+
+    # -- the hot path ---------------------------------------------------------------------------------------------
+    def _call(self, name: str, feeds: dict) -> dict:
+        if not self.profile:
+            return self.engines[name].run(feeds)
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        t0 = time.perf_counter()
+        out = self.engines[name].run(feeds)
+        sync()
+        self._timings[name] = self._timings.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
+        return out
+
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> _Segment:
+        out = self._call("embed", {"input_ids": ids, "position_ids": positions})
+        return _Segment(out["hidden_states"], out.get("cos"), out.get("sin"))
+
+    def head(self, hidden_last: torch.Tensor) -> torch.Tensor:
+        """[batch, 1, hidden] -> [batch, vocab] logits."""
+        return self._call("head", {"hidden_states": hidden_last.contiguous()})["logits"][:, -1]
+
+    def _layer(self, i: int, seg: _Segment, cache: KVCache) -> None:
+        tokens = seg.hidden.shape[1]
+        feeds = {"hidden_states": seg.hidden, "attention_mask": cache.mask(cache.length[i], tokens),
+                 f"past_key_values.{i}.key": cache.key[i], f"past_key_values.{i}.value": cache.value[i]}
+        if self.rotary:
+            feeds["cos"], feeds["sin"] = seg.cos, seg.sin
+        out = self._call(self.layer_keys[i], feeds)
+        cache.write(i, out[f"present.{i}.key"], out[f"present.{i}.value"])
+        seg.hidden = out["hidden_states_out"]
+
+    def run_layers(self, seg: _Segment, layers, cache: KVCache, pending: list[_Segment] | None = None,
+                   exit_policy=None, start: int = 0) -> tuple[torch.Tensor | None, int | None, int]:
+        """Run ``layers[start:]`` on ``seg``; return (exit logits or None, exit layer, layers run).
+
+        Pending segments (earlier tokens that exited) join before the first layer they have not been through.
+        """
+        pending = pending if pending is not None else []
+        exits = set(exit_policy.layers) if exit_policy else ()
+        for k in range(start, len(layers)):
+            while pending and pending[-1].frontier < k:
+                seg.prepend(pending.pop())
+            self._layer(layers[k], seg, cache)
+            seg.frontier = k
+            if layers[k] in exits and k + 1 >= exit_policy.min_depth and k + 1 < len(layers):
+                logits = self.head(seg.hidden[:, -1:])
+                score = exit_score(logits, exit_policy, (layers[k] + 1) / self.num_layers)
+                if bool((score >= exit_policy.threshold).all()):
+                    pending.append(_Segment(seg.hidden.clone(), _clone(seg.cos), _clone(seg.sin), k))
+                    return logits, layers[k], k + 1 - start
+        return None, None, len(layers) - start
+
+    def _step(self, ids, positions, layers, cache, pending, exit_policy) -> tuple[torch.Tensor, StepStats]:
+        cache.new_step()
+        seg = self.embed(ids, positions)
+        logits, exit_layer, ran = self.run_layers(seg, layers, cache, pending, exit_policy)
+        if logits is None:
+            logits = self.head(seg.hidden[:, -1:])
+        return logits, StepStats(ran, exit_layer)
+
+    def _generate(self, ids, valid, max_new_tokens, plan, sampling, stops, profile) -> Iterator["StreamEvent"]:
+        batch, prompt_len = ids.shape
+        capacity = self._check_length(prompt_len, max_new_tokens)
+        self.profile, self._timings = profile, {}
+        dev = self.device
+        ids, valid = ids.to(dev), valid.to(dev)
+        cache = self.new_cache(plan.layers, batch, capacity)
+        cache.valid[:, :prompt_len] = valid
+        cache.valid[:, prompt_len:] = True
+        pad = (~valid).sum(1, keepdim=True)  # left padding per row: position = slot - pad
+        gen = sampling.generator(dev)
+        pending: list[_Segment] = []
+        out_tokens = torch.zeros(batch, max_new_tokens, dtype=torch.int64, device=dev)
+        done = torch.zeros(batch, dtype=torch.bool, device=dev)
+        stop_ids = torch.tensor(sorted(stops), dtype=torch.int64, device=dev) if stops else None
+        steps: list[StepStats] = []
+
+        t0 = time.perf_counter()
+        positions = (torch.arange(prompt_len, device=dev)[None] - pad).clamp_(min=0)
+        logits, stats = self._step(ids, positions, plan.layers, cache, pending, None)  # prefill: full plan
+        prefill_s = time.perf_counter() - t0
+        slot = prompt_len
+        n = 0
+        for n in range(1, max_new_tokens + 1):
+            token = pick(logits, sampling, gen)
+            token = torch.where(done, torch.full_like(token, self.pad_id), token)
+            out_tokens[:, n - 1] = token
+            steps.append(stats)
+            if stop_ids is not None:
+                done |= torch.isin(token, stop_ids)
+            finished = n == max_new_tokens or bool(done.all())
+            yield StreamEvent(n, token.tolist(), stats, None)
+            if finished:
+                break
+            positions = (slot - pad).clamp(min=0)
+            logits, stats = self._step(token[:, None], positions, plan.layers, cache, pending, plan.exit)
+            slot += 1
+        total_s = time.perf_counter() - t0
+        result = self._result(ids, valid, out_tokens[:, :n], stops, steps, prefill_s, total_s, plan)
+        yield StreamEvent(n, [], None, result)
+
+    def _result(self, ids, valid, out_tokens, stops, steps, prefill_s, total_s, plan) -> Generation:
+        prompt_rows = [r[v].tolist() for r, v in zip(ids.cpu(), valid.cpu())]
+        rows = []
+        for r in out_tokens.cpu().tolist():
+            cut = next((j + 1 for j, t in enumerate(r) if t in stops), len(r))
+            rows.append(r[:cut])
+        texts = [self.tokenizer.decode(r, skip_special_tokens=True) if self.tokenizer else "" for r in rows]
+        return Generation(prompt_rows, rows, texts, steps, dict(self._timings), prefill_s, total_s,
+                          plan.name or f"{len(plan.layers)}/{self.num_layers} layers")
+
+
+@dataclass
+class StreamEvent:
+    index: int  # 1-based token index; the final event repeats the last index and carries ``result``
+    tokens: list[int]  # the new token of each row
+    stats: StepStats | None
+    result: Generation | None
+
+
+def _clone(t):
+    return None if t is None else t.clone()
