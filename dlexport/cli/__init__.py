@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import exporting, running
+from . import exporting, profiling, running
 
-COMMAND_MODULES = [exporting, running]
+COMMAND_MODULES = [exporting, running, profiling]
 
 
 def build_parser() -> argparse.ArgumentParser:

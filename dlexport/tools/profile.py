@@ -1,0 +1,92 @@
+"""``dlexport profile``: the latency of every engine for a prefill and a decode step at each context length.
+
+Two tools fill the same table (``costs.CostTable``): ``builtin`` times the engines through dlexport's own engine
+interface (any backend, CPU or CUDA), ``trtexec`` runs TensorRT's benchmark on each serialized engine.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..engines import open_engines
+from ..engines.base import TORCH_DTYPES, Engine
+from ..files import read_json
+from .costs import PHASES, CostTable, phase_shape
+from .environment import describe_device, versions
+from .stats import summary_ms, time_calls
+
+DEFAULT_CONTEXTS = (128, 512, 1024)
+TOOLS = ("builtin", "trtexec")
+
+
+def feeds_for(engine: Engine, phase: str, context: int, vocab_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Inputs of the shapes the runtime would feed (``costs.phase_shape``); values are random but well-formed."""
+    dims = phase_shape(phase, context, engine.name)
+    gen = torch.Generator().manual_seed(seed)
+    feeds = {}
+    for spec in engine.inputs:
+        shape = [dims[d] if isinstance(d, str) else d for d in spec.shape]
+        if spec.name == "input_ids":
+            t = torch.randint(0, vocab_size, shape, generator=gen)
+        elif spec.name == "position_ids":
+            t = torch.arange(context - shape[1], context).clamp(min=0).expand(*shape).contiguous()
+        elif spec.name == "attention_mask":
+            t = torch.zeros(shape, dtype=TORCH_DTYPES[spec.dtype])  # every slot visible: the cost is the same
+        else:
+            t = (torch.randn(shape, generator=gen) * 0.1).to(TORCH_DTYPES[spec.dtype])
+        feeds[spec.name] = t.to(engine.device)
+    return feeds
+
+
+def profile_builtin(folder: Path | str, contexts=DEFAULT_CONTEXTS, *, device: str = "cpu", threads: int | None = 1,
+                    min_runs: int = 5, min_seconds: float = 0.2, warmup: int = 2, log=print) -> CostTable:
+    """Time each engine's ``run`` (synchronised on CUDA) over the engine interface, as the runtime calls it."""
+    manifest, engines = open_engines(Path(folder), device=device, threads=threads)
+    vocab = manifest.arch["vocab_size"]
+    sync = torch.cuda.synchronize if device.startswith("cuda") or device == "tensorrt" else (lambda: None)
+    entries = []
+    for name, engine in engines.items():
+        t0 = time.perf_counter()
+        for context in contexts:
+            for phase in PHASES:
+                feeds = feeds_for(engine, phase, context, vocab)
+                samples = time_calls(lambda: engine.run(feeds), warmup=warmup, min_runs=min_runs,
+                                     min_seconds=min_seconds, sync=sync)
+                dims = phase_shape(phase, context, name)
+                entries.append({"engine": name, "phase": phase, "context": context, "tokens": dims["tokens"],
+                                "past": dims["past"], **summary_ms(samples)})
+        log(f"  {name}: {time.perf_counter() - t0:.1f} s")
+    index = Path(folder) / "engines.json"
+    backend = read_json(index, "engine folder index")["backend"] if index.exists() else "onnxruntime"
+    meta = profile_meta(manifest, folder, "builtin", device, backend, contexts)
+    meta["threads"] = threads
+    return CostTable(entries, meta)
+
+
+def profile_meta(manifest, folder, tool: str, device: str, backend: str, contexts) -> dict:
+    return {
+        "tool": tool,
+        "folder": str(folder),
+        "model": {"source": manifest.data.get("source"), "fingerprint": manifest.fingerprint,
+                  "num_layers": manifest.num_layers, "dtype": manifest.dtype},
+        "backend": backend,
+        "device": describe_device(device),
+        "versions": versions(),
+        "contexts": list(contexts),
+        "batch": 1,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def run_profile(folder: Path | str, *, tool: str = "builtin", contexts=DEFAULT_CONTEXTS, device: str = "cpu",
+                threads: int | None = 1, cuda_graph: bool = False, log=print) -> CostTable:
+    """Dispatch to the chosen tool; ``trtexec`` needs an engine folder and the ``trtexec`` binary."""
+    if tool not in TOOLS:
+        raise ValueError(f"unknown profiling tool {tool!r}; choose one of {', '.join(TOOLS)}")
+    if tool == "trtexec":
+        from .trtexec import profile_trtexec
+
+        return profile_trtexec(folder, contexts, device=device, cuda_graph=cuda_graph, log=log)
+    return profile_builtin(folder, contexts, device=device, threads=threads, log=log)

@@ -1,0 +1,93 @@
+import json
+
+import pytest
+
+from dlexport.cli import main
+from dlexport.runtime import Plan
+from dlexport.tools.bench import Measured, RunSpec, interleave, run_bench, summarise
+from dlexport.tools.profile import run_profile
+from dlexport.tools.report import markdown, write_outputs
+
+
+def test_interleave_rotates_the_order_and_discards_warmup():
+    calls = []
+
+    def runner(name):
+        def run(prompt, n):
+            calls.append(name)
+            return Measured([1] * n, [float(i + 1) for i in range(n)], 0.0, float(n), 1)
+        return run
+
+    runs = {n: RunSpec(n, n, runner(n)) for n in ("a", "full", "b")}
+    records = interleave(runs, [{"ids": [1, 2]}], 2, repeats=3, warmup=1, log=lambda *a: None)
+    assert calls == ["a", "full", "b", "a", "full", "b", "full", "b", "a", "b", "a", "full"]
+    assert all(len(v) == 3 for v in records.values())
+
+
+def test_summary_ratios_are_per_round():
+    def m(total, tokens):
+        return Measured(tokens, [0.1 * (i + 1) * total for i in range(len(tokens))], 0.0, total, 2)
+
+    runs = {"plan": RunSpec("plan", "plan", None), "full": RunSpec("full", "full", None, same_as_full=True)}
+    records = {"plan": [m(1.0, [1, 2]), m(2.0, [1, 3])], "full": [m(2.0, [1, 2]), m(4.0, [1, 2])]}
+    s = summarise(runs, records, num_layers=4)
+    assert s["plan"]["speed_vs_full"]["median"] == pytest.approx(2.0)
+    assert s["plan"]["same_tokens_as_full"] is False and s["plan"]["token_agreement_with_full"] == pytest.approx(0.75)
+    assert s["full"]["fraction_of_layers"] == pytest.approx(0.5)
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tiny_llama_export, tiny_llama_mono, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    run_profile(tiny_llama_export.folder, contexts=[16, 32], log=lambda *a: None).save(tmp / "profile.json")
+    plan = Plan.skip(tiny_llama_export, [0, 3], name="skip-2of4")
+    result = run_bench(tiny_llama_export.folder, [plan], prompt_tokens=16, new_tokens=8, repeats=2, prompt_count=2,
+                       profile=tmp / "profile.json", mono_dir=tiny_llama_mono, log=lambda *a: None)
+    return result, tmp
+
+
+def test_bench_smoke_structure_and_identical_greedy_tokens(tiny_bench, tiny_llama_export):
+    result, tmp = tiny_bench
+    assert list(result.runs) == ["skip-2of4", "full", "hf", "onnx-mono"]
+    for name in ("full", "hf", "onnx-mono"):  # the same model three ways: greedy tokens must agree exactly
+        assert result.runs[name]["same_tokens_as_full"], name
+    plan = result.runs["skip-2of4"]
+    assert plan["layers_per_token"] == 2 and plan["fraction_of_layers"] == pytest.approx(0.5)
+    for r in result.runs.values():
+        assert {"tokens_per_s", "ttft_ms", "decode_ms_per_token", "speed_vs_full"} <= set(r)
+        assert set(r["decode_ms_per_token"]) == {"median", "p90"}
+    assert result.runs["full"]["speed_vs_full"]["median"] == pytest.approx(1.0)
+    assert set(result.runs["full"]["predicted"]) >= {"decode_ms_per_token", "tokens_per_s", "speed_vs_full"}
+    assert "predicted" in plan and "predicted" not in result.runs["hf"]
+    assert result.config["runs"]["hf"]["attention"]
+    assert all(p["source"].startswith("/usr/share/common-licenses") for p in result.config["prompts"])
+
+
+def test_bench_outputs(tiny_bench, tiny_llama_export):
+    from dlexport.tools.costs import CostTable
+
+    result, tmp = tiny_bench
+    paths = write_outputs(result, tmp / "out", CostTable.load(tmp / "profile.json"), tiny_llama_export)
+    assert json.loads(paths["json"].read_text())["format"] == "dlexport-bench"
+    assert paths["plot"].read_bytes()[:4] == b"\x89PNG"
+    md = markdown(result)
+    assert md.count("\n| ") == 5 and "| skip-2of4 | 2.0 |" in md and "predicted" in md
+
+
+def test_cli_profile_and_bench(tiny_llama_export, tiny_llama_mono, tmp_path, capsys):
+    assert main(["profile", str(tiny_llama_export.folder), "--contexts", "8", "--out", str(tmp_path / "p.json")]) == 0
+    assert "| layer_00 |" in capsys.readouterr().out
+    Plan.skip(tiny_llama_export, [0, 1], name="two").save(tmp_path / "plan.json")
+    assert main(["bench", str(tiny_llama_export.folder), "--plan", str(tmp_path / "plan.json"), "--baseline", "full",
+                 "--prompt-tokens", "8", "--new-tokens", "4", "--repeats", "1", "--profile", str(tmp_path / "p.json"),
+                 "--out", str(tmp_path / "b")]) == 0
+    data = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert list(data["runs"]) == ["two", "full"]
+    assert data["config"]["command"].startswith(f"dlexport bench {tiny_llama_export.folder} --plan ")
+
+
+def test_cli_errors_are_actionable(tiny_llama_export, capsys):
+    assert main(["profile", str(tiny_llama_export.folder), "--contexts", "a,b"]) == 2
+    assert "comma-separated list of integers" in capsys.readouterr().err
+    assert main(["bench", str(tiny_llama_export.folder), "--baseline", "vllm", "--out", "/tmp/x"]) == 2
+    assert "unknown baseline" in capsys.readouterr().err
