@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import exporting, profiling, running
+from . import exporting, planning, profiling, running
 
-COMMAND_MODULES = [exporting, running, profiling]
+COMMAND_MODULES = [exporting, running, planning, profiling]
 
 
 def build_parser() -> argparse.ArgumentParser:

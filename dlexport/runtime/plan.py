@@ -6,7 +6,7 @@ The format is documented by ``dlexport/schemas/plan.schema.json``; this module a
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -21,6 +21,15 @@ class PlanError(ValueError):
 
 
 @dataclass(frozen=True)
+class AdapterRef:
+    """A calibrated exit head: ONNX adapter (hidden -> hidden) run before the head at one exit layer."""
+
+    layer: int
+    file: str  # relative to the plan's folder
+    sha256: str
+
+
+@dataclass(frozen=True)
 class ExitPolicy:
     layers: tuple[int, ...]
     criterion: str
@@ -29,12 +38,20 @@ class ExitPolicy:
     features: tuple[str, ...] = ()
     weights: tuple[float, ...] = ()
     bias: float = 0.0
+    adapters: tuple[AdapterRef, ...] = ()
+    folder: str = field(default="", compare=False)  # where adapter files resolve; set by load_plan
+
+    def adapter_path(self, layer: int) -> Path | None:
+        ref = next((a for a in self.adapters if a.layer == layer), None)
+        return None if ref is None else Path(self.folder) / ref.file
 
     def to_json(self) -> dict:
         d = {"layers": list(self.layers), "criterion": self.criterion, "threshold": self.threshold,
              "min_depth": self.min_depth}
         if self.criterion == "classifier":
             d["classifier"] = {"features": list(self.features), "weights": list(self.weights), "bias": self.bias}
+        if self.adapters:
+            d["adapters"] = [{"layer": a.layer, "file": a.file, "sha256": a.sha256} for a in self.adapters]
         return d
 
 
@@ -96,7 +113,8 @@ class Plan:
         if ex:
             clf = ex.get("classifier", {})
             exit_policy = ExitPolicy(tuple(ex["layers"]), ex["criterion"], float(ex["threshold"]), ex.get("min_depth", 0),
-                                     tuple(clf.get("features", ())), tuple(clf.get("weights", ())), clf.get("bias", 0.0))
+                                     tuple(clf.get("features", ())), tuple(clf.get("weights", ())), clf.get("bias", 0.0),
+                                     tuple(AdapterRef(a["layer"], a["file"], a["sha256"]) for a in ex.get("adapters", ())))
         dr = data.get("draft")
         plan = cls(
             fingerprint=m["fingerprint"], num_layers=num_layers,
@@ -124,6 +142,10 @@ class Plan:
             if e.criterion == "classifier" and len(e.features) != len(e.weights):
                 raise PlanError(f"{where}: 'exit.classifier' has {len(e.features)} features but {len(e.weights)} "
                                 "weights; give one weight per feature")
+            stray = sorted({a.layer for a in e.adapters} - set(e.layers))
+            if stray:
+                raise PlanError(f"{where}: 'exit.adapters' are given for layers {stray}, which are not exit layers: "
+                                "add them to 'exit.layers' or drop their adapters")
             if e.criterion in ("top1_prob", "gap") and not 0.0 <= e.threshold <= 1.0:
                 raise PlanError(f"{where}: 'exit.threshold' {e.threshold} is outside [0, 1] for criterion "
                                 f"{e.criterion!r}; probabilities and gaps lie in [0, 1]")
@@ -184,4 +206,21 @@ def load_plan(path: Path | str, manifest=None) -> Plan:
     plan = Plan.from_json(read_json(Path(path), "plan"), where=str(path))
     if manifest is not None:
         plan.check_model(manifest, where=str(path))
+    if plan.exit and plan.exit.adapters:
+        plan = replace(plan, exit=replace(plan.exit, folder=str(Path(path).resolve().parent)))
+        _check_adapters(plan.exit, str(path))
     return plan
+
+
+def _check_adapters(e: ExitPolicy, where: str) -> None:
+    """Refuse a missing or altered adapter file rather than exit on a head it was not calibrated with."""
+    from ..files import sha256_file
+
+    for a in e.adapters:
+        p = e.adapter_path(a.layer)
+        if not p.exists():
+            raise PlanError(f"{where}: exit adapter {p} is missing; copy the plan together with its adapters/ "
+                            "folder, or re-run `dlexport plan calibrate-exit --adapters`")
+        if sha256_file(p) != a.sha256:
+            raise PlanError(f"{where}: exit adapter {p} does not match the sha256 in the plan: the file was "
+                            "replaced or is corrupt; re-run `dlexport plan calibrate-exit --adapters`")

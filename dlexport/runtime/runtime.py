@@ -189,6 +189,28 @@ class Runtime:
         """[batch, 1, hidden] -> [batch, vocab] logits."""
         return self._call("head", {"hidden_states": hidden_last.contiguous()})["logits"][:, -1]
 
+    def exit_head(self, layer: int, hidden_last: torch.Tensor, policy=None) -> torch.Tensor:
+        """The head at an exit after ``layer``: through the policy's calibrated adapter there, when it has one."""
+        path = policy.adapter_path(layer) if policy is not None else None
+        if path is not None:
+            out = self._adapter(path).run({"hidden_states": hidden_last.float().contiguous()})
+            hidden_last = out["hidden_states_out"].to(self.dtype)
+        return self.head(hidden_last)
+
+    def _adapter(self, path: Path) -> Engine:
+        """Adapters (fp32 ONNX, hidden -> hidden) open on first use, next to the other engines."""
+        key = f"adapter:{path}"
+        if key not in self.engines:
+            from ..engines.onnxruntime import OrtConfig, OrtEngine
+            from ..exporter.architectures import TensorSpec
+
+            dims = ("batch", "tokens", self.manifest.arch["hidden_size"])
+            config = OrtConfig(provider="cuda" if self.device.type == "cuda" else "cpu",
+                               device_id=self.device.index or 0)
+            self.engines[key] = OrtEngine(key, path, [TensorSpec("hidden_states", dims, "float32")],
+                                          [TensorSpec("hidden_states_out", dims, "float32")], config)
+        return self.engines[key]
+
     def _layer(self, i: int, seg: _Segment, cache: KVCache) -> None:
         tokens = seg.hidden.shape[1]
         feeds = {"hidden_states": seg.hidden, "attention_mask": cache.mask(cache.length[i], tokens),
@@ -213,7 +235,7 @@ class Runtime:
             self._layer(layers[k], seg, cache)
             seg.frontier = k
             if layers[k] in exits and k + 1 >= exit_policy.min_depth and k + 1 < len(layers):
-                logits = self.head(seg.hidden[:, -1:])
+                logits = self.exit_head(layers[k], seg.hidden[:, -1:], exit_policy)
                 score = exit_score(logits, exit_policy, (layers[k] + 1) / self.num_layers)
                 if bool((score >= exit_policy.threshold).all()):
                     pending.append(_Segment(seg.hidden.clone(), _clone(seg.cos), _clone(seg.sin), k))

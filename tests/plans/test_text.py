@@ -1,0 +1,28 @@
+import gzip
+
+import pytest
+
+from dlexport.plans.text import ByteTokenizer, NotEnoughTextError, load_splits
+
+
+def test_too_little_text_names_the_fix(tmp_path):
+    (tmp_path / "short.txt").write_text("Only a few words of prose here.")
+    with pytest.raises(NotEnoughTextError, match="--data"):
+        load_splits(ByteTokenizer(512), {"calibration": 4, "evaluation": 4}, 64, [tmp_path])
+
+
+def test_splits_are_deterministic_disjoint_and_read_gzip(tmp_path):
+    prose = " ".join(f"Sentence number {i} says something plain about the weather." for i in range(400))
+    with gzip.open(tmp_path / "README.gz", "wt") as f:
+        f.write(prose)
+    a = load_splits(ByteTokenizer(512), {"calibration": 5, "evaluation": 7}, 32, [tmp_path])
+    b = load_splits(ByteTokenizer(512), {"calibration": 5, "evaluation": 7}, 32, [tmp_path])
+    assert a["calibration"].shape == (5, 32) and a["evaluation"].shape == (7, 32)
+    assert a.digest == b.digest
+    calib = {tuple(r) for r in a["calibration"].tolist()}
+    assert not calib & {tuple(r) for r in a["evaluation"].tolist()}
+
+
+def test_machine_prose_is_enough_for_the_defaults():
+    s = load_splits(ByteTokenizer(512), {"calibration": 8, "evaluation": 16}, 128)
+    assert s.files >= 1 and s["evaluation"].shape == (16, 128)
