@@ -19,6 +19,18 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda[:N], or tensorrt (ONNX Runtime's TensorRT provider)")
     p.add_argument("--threads", type=int)
     p.add_argument("--profile", action="store_true", help="time every subgraph call (synchronised)")
+    p.add_argument("--strategy", choices=("plain", "speculative", "per-sequence"), default="plain",
+                   help="speculative: draft with some layers, verify with the plan; per-sequence: one ladder rung "
+                        "per request")
+    p.add_argument("--draft-layers", type=_layer_list, help="speculative draft layers, e.g. 0-11 or 0,2,4 "
+                   "(default: the plan's 'draft')")
+    p.add_argument("--draft-k", type=int, default=4, help="tokens drafted per round (the maximum when adaptive)")
+    p.add_argument("--no-adaptive", action="store_true", help="keep the draft length fixed and never switch off")
+    p.add_argument("--controller", choices=("prompt", "fixed", "oracle"), default="prompt",
+                   help="per-sequence: how the rung is chosen")
+    p.add_argument("--rung", type=int, default=-1, help="per-sequence fixed controller: the rung (0 = smallest)")
+    p.add_argument("--threshold", type=float, default=0.9,
+                   help="per-sequence prompt controller: prompt agreement a rung needs")
     p.set_defaults(func=_run)
 
 
@@ -28,7 +40,8 @@ def _run(args) -> int:
     runtime = Runtime.load(args.dir, device=args.device, threads=args.threads)
     plan = load_plan(args.plan, runtime.manifest) if args.plan else None
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
-    events = runtime.stream(args.prompt, args.max_new_tokens, plan, sampling=sampling, profile=args.profile)
+    events = runtime.stream(args.prompt, args.max_new_tokens, plan, sampling=sampling, profile=args.profile,
+                            strategy=args.strategy, **_strategy_options(args))
     streaming = args.stream and runtime.tokenizer is not None
     first_row, shown, result = [], "", None
     if streaming:
@@ -48,11 +61,40 @@ def _run(args) -> int:
     return 0
 
 
+def _layer_list(text: str) -> tuple[int, ...]:
+    layers = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        layers += range(int(lo), int(hi or lo) + 1)
+    return tuple(layers)
+
+
+def _strategy_options(args) -> dict:
+    if args.strategy == "speculative":
+        from ..runtime.plan import Draft
+
+        return {"draft": Draft(args.draft_layers, args.draft_k, not args.no_adaptive) if args.draft_layers else None}
+    if args.strategy == "per-sequence":
+        return {"controller": args.controller, "rung": args.rung, "threshold": args.threshold}
+    return {}
+
+
 def _summary(result) -> None:
     exits = sum(1 for s in result.steps if s.exit_layer is not None)
     print(f"\n[{result.plan}] {result.new_tokens} tokens x {len(result.tokens)} prompt(s): "
           f"{result.tokens_per_s:.1f} tokens/s, prefill {result.prefill_s * 1e3:.0f} ms, "
           f"mean layers per token {result.mean_layers:.1f}, early exits {exits}", file=sys.stderr)
+    if result.extra:
+        print("  " + ", ".join(f"{k} {_fmt(v)}" for k, v in result.extra.items() if v not in ("", None)),
+              file=sys.stderr)
     if result.timings_ms:
         top = sorted(result.timings_ms.items(), key=lambda kv: -kv[1])[:5]
         print("  slowest subgraphs (ms total): " + ", ".join(f"{k} {v:.1f}" for k, v in top), file=sys.stderr)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, list) and v and isinstance(v[0], float):
+        return "[" + ", ".join(f"{x:.2f}" for x in v) + "]"
+    return str(v)

@@ -119,18 +119,18 @@ def _still_whole(folder: Path, facts) -> bool:
     )
 
 
-def _check_out_dir(out: Path, identity: dict, overwrite: bool) -> None:
-    """Refuse to mix two models' files in one folder; an interrupted export of the same model is resumed."""
+def _check_out_dir(out: Path, identity: dict, overwrite: bool) -> dict:
+    """Refuse to mix two models' files in one folder; return the finished files of an export of the same model."""
     manifest = out / MANIFEST
     if not manifest.exists():
-        return
+        return {}
     try:
         old = Manifest.load(out).data
     except (ValueError, FileNotFoundError):
         old = {}
     same = {k: old.get(k) for k in identity} == identity
     if same:
-        return
+        return {name: sub["files"] for name, sub in old.get("subgraphs", {}).items()}
     if not overwrite:
         raise ExportDirError(
             f"{out} holds an export of another model or setting (source {old.get('source')!r}, fingerprint "
@@ -138,6 +138,7 @@ def _check_out_dir(out: Path, identity: dict, overwrite: bool) -> None:
             f"{identity}. Choose another --out, or pass --overwrite to replace it."
         )
     shutil.rmtree(out)
+    return {}
 
 
 def export(
@@ -163,8 +164,8 @@ def export(
     fingerprint = model_fingerprint(loaded.model)
     loaded.model.to(_DTYPES[dtype]).eval()
     arch = architecture_for(loaded.model)
-    identity = {"fingerprint": fingerprint, "dtype": arch.float_dtype(), "opset": opset}
-    _check_out_dir(out, identity, overwrite)
+    identity = {"fingerprint": fingerprint, "dtype": arch.float_dtype(), "opset": opset, "format_version": FORMAT_VERSION}
+    finished = _check_out_dir(out, identity, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     journal = Journal(out / JOURNAL, identity)
     staging = out / ".partial"
@@ -175,7 +176,7 @@ def export(
     bar = tqdm(subs, desc=f"export {loaded.source}", unit="graph", disable=not progress)
     for sub in bar:
         bar.set_postfix_str(sub.name)
-        facts = journal.get(sub.name)
+        facts = journal.get(sub.name) or finished.get(sub.name)
         if not _still_whole(out, facts):
             tmp = staging / sub.file
             export_subgraph(arch, sub, tmp, opset)

@@ -34,10 +34,24 @@ RANDOM_SHAPES: dict[str, tuple[str, dict]] = {
     "smollm2-135m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                                    num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
                                    max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True)),
+    "llama-512x12": ("llama", dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=8,
+                                   num_key_value_heads=4, vocab_size=4096, max_position_embeddings=1024,
+                                   tie_word_embeddings=True, initializer_range=0.05)),
     "tinyllama-1.1b": ("llama", dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                                      num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
                                      max_position_embeddings=2048)),
 }
+
+
+# Best-case shapes for self-speculative decoding: a base shape whose layers from ``first`` on have their output
+# projections scaled by ``scale``, so they barely move the hidden state and a prefix draft nearly always agrees
+# with the full model. They measure the speculation machinery alone (acceptance near 1).
+QUIET_SHAPES: dict[str, tuple[str, int, float]] = {
+    "tiny-llama-quiet": ("tiny-llama", 1, 1e-3),
+    "tiny-opt-quiet": ("tiny-opt", 1, 1e-3),
+    "llama-quiet": ("llama-512x12", 3, 1e-3),
+}
+RANDOM_SHAPES.update({name: RANDOM_SHAPES[base] for name, (base, _, _) in QUIET_SHAPES.items()})
 
 
 class ModelSourceError(RuntimeError):
@@ -88,7 +102,22 @@ def _random_model(shape: str, seed: int) -> LoadedModel:
     config = AutoConfig.for_model(model_type, **kwargs)
     torch.manual_seed(seed)  # the same shape and seed always give the same weights, hence the same fingerprint
     model = AutoModelForCausalLM.from_config(config)
+    if shape in QUIET_SHAPES:
+        _quiet_deep_layers(model, *QUIET_SHAPES[shape][1:])
     return LoadedModel(model, None, f"random:{shape}:seed{seed}")
+
+
+def _quiet_deep_layers(model, first: int, scale: float) -> None:
+    """Scale the attention output and MLP output projections (weights and biases) of layers ``first``.. by ``scale``."""
+    names = ("o_proj", "down_proj", "out_proj", "fc2")
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.decoder.layers if hasattr(model.model, "decoder") else model.model.layers):
+            if i >= first:
+                for mod_name, mod in layer.named_modules():
+                    if mod_name.rsplit(".", 1)[-1] in names:
+                        for t in (mod.weight, mod.bias):
+                            if t is not None:
+                                t.mul_(scale)
 
 
 def smollm2_gguf_path() -> Path:
@@ -127,7 +156,7 @@ def _smollm2() -> LoadedModel:
 
 
 def _hf_model(name: str) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     local = Path(name)
     if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
@@ -152,8 +181,19 @@ def _hf_model(name: str) -> LoadedModel:
             f"{', '.join(supported_model_types())}"
         )
     model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    return LoadedModel(model, _tokenizer(name, local), name)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _tokenizer(name: str, local: Path):
+    """The model's tokenizer, or None: transformers would invent an empty one for a folder that has none."""
+    from transformers import AutoTokenizer
+
+    if local.exists() and not any((local / f).exists() for f in _TOKENIZER_FILES):
+        return None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError):
-        tokenizer = None
-    return LoadedModel(model, tokenizer, name)
+        return None

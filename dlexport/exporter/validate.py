@@ -79,7 +79,7 @@ def _cases(arch, sub, dtype):
         allowed = torch.ones(batch, tokens, past + tokens, dtype=torch.bool).tril(past)
         for b, p in enumerate(pad):
             allowed[b, :, :p] = False
-        allowed |= torch.eye(tokens, past + tokens, past, dtype=torch.bool)
+        allowed[:, :, past:] |= torch.eye(tokens, dtype=torch.bool)
         return torch.zeros(batch, 1, tokens, past + tokens, dtype=dtype).masked_fill(~allowed[:, None], min_val)
 
     cases = []
@@ -94,9 +94,9 @@ def _cases(arch, sub, dtype):
                 values[spec.name] = positions
             elif spec.name == "attention_mask":
                 values[spec.name] = mask(batch, tokens, past, pad)
-            elif spec.name in ("cos", "sin"):
+            elif spec.name in ("rotary_cos", "rotary_sin"):
                 cos, sin = arch.model.model.rotary_emb(rand(1, tokens, n.hidden_size), positions)
-                values[spec.name] = cos if spec.name == "cos" else sin
+                values[spec.name] = cos if spec.name == "rotary_cos" else sin
             elif spec.name.startswith("past_key_values"):
                 values[spec.name] = rand(batch, n.num_kv_heads, past, n.head_dim)
             else:

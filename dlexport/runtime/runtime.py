@@ -114,14 +114,20 @@ class Runtime:
 
     # -- public API ---------------------------------------------------------------------------------------------
     def generate(self, prompts, max_new_tokens: int = 32, plan: Plan | None = None, *,
-                 sampling: Sampling = Sampling(), stop_tokens=None, profile: bool = False) -> Generation:
-        """Generate for one prompt or a batch (str, list of str, or lists of token ids; batches are left-padded)."""
+                 sampling: Sampling = Sampling(), stop_tokens=None, profile: bool = False, strategy: str = "plain",
+                 **options) -> Generation:
+        """Generate for one prompt or a batch (str, list of str, or lists of token ids; batches are left-padded).
+
+        ``strategy``: "plain", "speculative" (runtime/speculative.py) or "per-sequence" (runtime/depth.py);
+        ``options`` go to the strategy.
+        """
         events = list(self.stream(prompts, max_new_tokens, plan, sampling=sampling, stop_tokens=stop_tokens,
-                                  profile=profile))
+                                  profile=profile, strategy=strategy, **options))
         return events[-1].result if events else None
 
     def stream(self, prompts, max_new_tokens: int = 32, plan: Plan | None = None, *,
-               sampling: Sampling = Sampling(), stop_tokens=None, profile: bool = False) -> Iterator["StreamEvent"]:
+               sampling: Sampling = Sampling(), stop_tokens=None, profile: bool = False, strategy: str = "plain",
+               **options) -> Iterator["StreamEvent"]:
         """Yield one event per generated token; the last event carries the whole ``Generation``."""
         plan = plan or Plan.full(self.manifest)
         plan.check_model(self.manifest)
@@ -129,10 +135,11 @@ class Runtime:
         if missing:
             raise ValueError(f"the plan runs layers {missing}, which this runtime did not load; load them with "
                              "Runtime.load(..., layers=None) or build engines for this plan")
+        body = _strategy(strategy, options)
         ids, valid = self._encode(prompts)
         stops = set(self.eos if stop_tokens is None else stop_tokens)
         with torch.inference_mode():
-            yield from self._generate(ids, valid, max_new_tokens, plan, sampling, stops, profile)
+            yield from body(self, ids, valid, max_new_tokens, plan, sampling, stops, profile, **options)
 
     # -- preparing a request ------------------------------------------------------------------------------------
     def _encode(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +190,7 @@ class Runtime:
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> _Segment:
         out = self._call("embed", {"input_ids": ids, "position_ids": positions})
-        return _Segment(out["hidden_states"], out.get("cos"), out.get("sin"))
+        return _Segment(out["hidden_states"], out.get("rotary_cos"), out.get("rotary_sin"))
 
     def head(self, hidden_last: torch.Tensor) -> torch.Tensor:
         """[batch, 1, hidden] -> [batch, vocab] logits."""
@@ -216,7 +223,7 @@ class Runtime:
         feeds = {"hidden_states": seg.hidden, "attention_mask": cache.mask(cache.length[i], tokens),
                  f"past_key_values.{i}.key": cache.key[i], f"past_key_values.{i}.value": cache.value[i]}
         if self.rotary:
-            feeds["cos"], feeds["sin"] = seg.cos, seg.sin
+            feeds["rotary_cos"], feeds["rotary_sin"] = seg.cos, seg.sin
         out = self._call(self.layer_keys[i], feeds)
         cache.write(i, out[f"present.{i}.key"], out[f"present.{i}.value"])
         seg.hidden = out["hidden_states_out"]
@@ -308,6 +315,20 @@ class StreamEvent:
     tokens: list[int]  # the new token of each row
     stats: StepStats | None
     result: Generation | None
+
+
+def _strategy(name: str, options: dict):
+    if name == "plain":
+        if options:
+            raise TypeError(f"strategy 'plain' takes no options, got {', '.join(options)}")
+        return Runtime._generate
+    if name == "speculative":
+        from .speculative import generate_speculative
+        return generate_speculative
+    if name == "per-sequence":
+        from .depth import generate_per_sequence
+        return generate_per_sequence
+    raise ValueError(f"unknown strategy {name!r}; choose plain, speculative or per-sequence")
 
 
 def _clone(t):

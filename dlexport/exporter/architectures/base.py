@@ -3,9 +3,9 @@
 The contract (the runtime and the engine builders rely on it; `manifest.json` records it per file):
 
 - ``embed``: ``input_ids`` [batch, tokens] int64, ``position_ids`` [batch, tokens] int64
-  -> ``hidden_states`` [batch, tokens, hidden] (+ ``cos``/``sin`` [batch, tokens, head_dim] for rotary models).
+  -> ``hidden_states`` [batch, tokens, hidden] (+ ``rotary_cos``/``rotary_sin`` [batch, tokens, head_dim] for rotary models).
 - ``layer_NN``: ``hidden_states``, ``attention_mask`` [batch, 1, tokens, past + tokens] (additive, 0 or a large
-  negative), ``cos``/``sin`` where needed, ``past_key_values.N.key``/``.value`` [batch, kv_heads, past, head_dim]
+  negative), ``rotary_cos``/``rotary_sin`` where needed, ``past_key_values.N.key``/``.value`` [batch, kv_heads, past, head_dim]
   -> ``hidden_states_out``, ``present.N.key``/``.value`` [batch, kv_heads, tokens, head_dim].
 
   ``present`` holds the key/values of the *new* tokens only. The runtime owns one preallocated cache buffer per layer
@@ -138,7 +138,7 @@ class Architecture:
         inputs = [TensorSpec("input_ids", (BATCH, TOKENS), "int64"), TensorSpec("position_ids", (BATCH, TOKENS), "int64")]
         outputs = [TensorSpec("hidden_states", (BATCH, TOKENS, n.hidden_size), f)]
         if self.rotary:
-            outputs += [TensorSpec(x, (BATCH, TOKENS, n.head_dim), f) for x in ("cos", "sin")]
+            outputs += [TensorSpec(x, (BATCH, TOKENS, n.head_dim), f) for x in ("rotary_cos", "rotary_sin")]
         return inputs, outputs
 
     def layer_io(self, i: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -149,7 +149,7 @@ class Architecture:
             TensorSpec("attention_mask", (BATCH, 1, TOKENS, KEYS), f),
         ]
         if self.rotary:
-            inputs += [TensorSpec(x, (BATCH, TOKENS, n.head_dim), f) for x in ("cos", "sin")]
+            inputs += [TensorSpec(x, (BATCH, TOKENS, n.head_dim), f) for x in ("rotary_cos", "rotary_sin")]
         inputs += [TensorSpec(past_key_name(i), kv, f), TensorSpec(past_value_name(i), kv, f)]
         new_kv = (BATCH, n.num_kv_heads, TOKENS, n.head_dim)
         outputs = [

@@ -1,0 +1,45 @@
+"""Shared exports, made once per test session (exporting is the slow part of every test)."""
+from __future__ import annotations
+
+import pytest
+
+from dlexport.exporter import export, load_model
+
+
+def _export(tmp_path_factory, shape: str, **kw):
+    out = tmp_path_factory.mktemp(shape) / "export"
+    return export(shape, out, random_weights=True, progress=False, log=lambda *a: None, **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_export(tmp_path_factory):
+    """tiny-llama (4 layers, grouped KV heads, tied embeddings), fp32, validated."""
+    return _export(tmp_path_factory, "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_opt_export(tmp_path_factory):
+    """tiny-opt (4 layers, pre-layer-norm), fp32, validated."""
+    return _export(tmp_path_factory, "tiny-opt")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_model():
+    return load_model("tiny-llama", random_weights=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_opt_model():
+    return load_model("tiny-opt", random_weights=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_export(tmp_path_factory):
+    """The real SmolLM2-135M-Instruct (30 layers), fp32, validated end to end against HF generate."""
+    out = tmp_path_factory.mktemp("smollm2") / "export"
+    return export("smollm2-135m", out, progress=False, log=lambda *a: None)
+
+
+@pytest.fixture(scope="session")
+def smollm2_model():
+    return load_model("smollm2-135m")

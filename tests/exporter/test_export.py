@@ -1,0 +1,104 @@
+"""Export of both architectures, resuming, and the refusals that protect an export folder."""
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+
+from dlexport.exporter import ExportDirError, export
+from dlexport.exporter import export as export_module
+from dlexport.manifest import Manifest
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_export", "tiny_opt_export"])
+def test_export_writes_every_subgraph_and_validates(fixture, request):
+    manifest: Manifest = request.getfixturevalue(fixture)
+    folder = manifest.folder
+    n = manifest.num_layers
+    assert (folder / "embed.onnx").exists() and (folder / "head.onnx").exists()
+    assert sorted(p.name for p in (folder / "layers").glob("*.onnx")) == [f"layer_{i:02d}.onnx" for i in range(n)]
+    v = manifest.data["validation"]
+    assert v["ok"] and v["end_to_end"]["result"] == "match"
+    assert {c["case"] for c in v["subgraphs"]} == {"prefill", "decode", "batch2_left_padded"}
+    assert len(v["end_to_end"]["runtime"]) == 32
+    manifest.verify_files()
+
+
+def test_manifest_records_architecture_files_and_io(tiny_llama_export):
+    m = tiny_llama_export.data
+    assert m["architecture"] == {"model_type": "llama", "num_layers": 4, "hidden_size": 64, "num_heads": 4,
+                                 "num_kv_heads": 2, "head_dim": 16, "vocab_size": 512, "max_positions": 256}
+    assert m["dtype"] == "float32" and m["opset"] == 18 and len(m["fingerprint"]) == 32
+    layer = m["subgraphs"]["layer_02"]
+    names = [s["name"] for s in layer["inputs"]]
+    assert names == ["hidden_states", "attention_mask", "rotary_cos", "rotary_sin",
+                     "past_key_values.2.key", "past_key_values.2.value"]
+    assert [s["name"] for s in layer["outputs"]] == ["hidden_states_out", "present.2.key", "present.2.value"]
+    assert layer["inputs"][4]["shape"] == ["batch", 2, "past", 16]
+
+
+def test_onnx_graph_dims_carry_the_contract_names(tiny_opt_export):
+    model = onnx.load(tiny_opt_export.path("layer_01"))
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert dims["attention_mask"] == ["batch", 1, "tokens", "past_plus_tokens"]
+    assert dims["past_key_values.1.key"] == ["batch", 4, "past", 16]
+    assert "rotary_cos" not in dims  # OPT has learned positions, no rotary inputs
+
+
+@pytest.mark.parametrize("shape", ["tiny-opt-project", "tiny-opt-postnorm"])
+def test_opt_variants_project_in_out_and_post_layer_norm(shape, tmp_path):
+    manifest = export(shape, tmp_path / shape, random_weights=True, progress=False, log=lambda *a: None)
+    assert manifest.data["validation"]["end_to_end"]["result"] == "match"
+
+
+def test_fp16_export_validates_per_subgraph(tmp_path):
+    manifest = export("tiny-llama", tmp_path / "fp16", random_weights=True, dtype="fp16", progress=False,
+                      log=lambda *a: None)
+    assert manifest.dtype == "float16"
+    graph = onnx.load(manifest.path("layer_00")).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert manifest.data["validation"]["ok"]
+
+
+def test_interrupted_export_resumes_from_finished_files(tmp_path, monkeypatch):
+    out = tmp_path / "resume"
+    real = export_module.export_subgraph
+    calls = []
+
+    def interrupt_at_layer_02(arch, sub, path, opset):
+        calls.append(sub.name)
+        if sub.name == "layer_02":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"half a file")
+            raise KeyboardInterrupt
+        real(arch, sub, path, opset)
+
+    monkeypatch.setattr(export_module, "export_subgraph", interrupt_at_layer_02)
+    with pytest.raises(KeyboardInterrupt):
+        export("tiny-opt", out, random_weights=True, progress=False, log=lambda *a: None)
+    assert not (out / "layers" / "layer_02.onnx").exists()  # the half-written file never takes the final name
+    assert not (out / "manifest.json").exists()
+
+    calls.clear()
+    monkeypatch.setattr(export_module, "export_subgraph", lambda *a: (calls.append(a[1].name), real(*a)))
+    manifest = export("tiny-opt", out, random_weights=True, progress=False, log=lambda *a: None)
+    assert calls == ["layer_02", "layer_03", "head"]
+    assert manifest.data["validation"]["ok"]
+    assert not (out / ".partial").exists() and not (out / export_module.JOURNAL).exists()
+
+    calls.clear()
+    (out / "layers" / "layer_01.onnx").write_bytes(b"corrupted")  # a damaged file is redone, not trusted
+    export("tiny-opt", out, random_weights=True, progress=False, validate=False, log=lambda *a: None)
+    assert calls == ["layer_01"]
+
+
+def test_folder_holding_another_models_export_is_refused(tiny_opt_export, tmp_path):
+    out = tmp_path / "taken"
+    export("tiny-opt", out, random_weights=True, progress=False, validate=False, log=lambda *a: None)
+    with pytest.raises(ExportDirError, match="another model.*--overwrite"):
+        export("tiny-llama", out, random_weights=True, progress=False, validate=False, log=lambda *a: None)
+    assert json.loads((out / "manifest.json").read_text())["source"] == "random:tiny-opt:seed0"  # nothing lost
+    manifest = export("tiny-llama", out, random_weights=True, progress=False, validate=False, overwrite=True,
+                      log=lambda *a: None)
+    assert manifest.arch["model_type"] == "llama"
