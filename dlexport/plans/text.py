@@ -122,7 +122,7 @@ def load_splits(tokenizer, sizes: dict[str, int], seq_len: int = 128, sources=No
             f"calibration needs {need} sequences of {seq_len} tokens ({need * seq_len} tokens: "
             + ", ".join(f"{k} {v}" for k, v in sizes.items())
             + f") but {', '.join(map(str, sources))} gave {len(chunks)} ({used} readable prose files): pass more "
-            "text with --data FILE_OR_FOLDER, or ask for fewer/shorter sequences")
+            "text with --data FILE_OR_FOLDER, or ask for less (--calib-seqs, --eval-seqs, --seq-len)")
     random.Random(seed).shuffle(chunks)
     splits, start = {}, 0
     for name, n in sizes.items():

@@ -51,3 +51,15 @@ def test_target_depth_errors():
         target_depth(30, 24, 0.8)
     with pytest.raises(ValueError, match="outside 1..30"):
         target_depth(30, 31, None)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_beats_even_spacing_on_held_out_text(smollm2_export, smollm2_model, tmp_path):
+    from dlexport.plans.calibrate import TextConfig
+
+    plan = calibrate_skip(smollm2_export.folder, tmp_path / "plan.json", target_layers=24, rescore=4,
+                          text=TextConfig(seq_len=64, calib_seqs=4, eval_seqs=8), loaded=smollm2_model,
+                          progress=False, log=lambda *a: None)
+    held = plan.calibration["held_out"]
+    assert held["greedy"]["ppl"] < 0.5 * held["even"]["ppl"]
+    assert held["greedy"]["agreement"] > held["even"]["agreement"]
