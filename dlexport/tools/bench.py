@@ -268,12 +268,21 @@ def predictions(table: CostTable, layer_sets: dict[str, tuple[int, ...]], manife
 def run_bench(folder: Path | str, plans: list[Plan], *, baselines=BASELINES, prompt_tokens: int = 64,
               new_tokens: int = 64, repeats: int = 5, prompt_count: int = 3, threads: int | None = 1,
               device: str = "cpu", profile: Path | None = None, mono_dir: Path | None = None, warmup: int = 1,
-              command: str = "", log=print) -> BenchResult:
+              extra_runs: Callable[[Runtime], dict[str, RunSpec]] | None = None, command: str = "",
+              log=print) -> BenchResult:
+    """Build the runs, interleave them, summarise, and add predictions when a profile is given.
+
+    ``extra_runs(runtime)`` adds named runs (e.g. a decoding strategy) on the same loaded engines.
+    """
     from .prompts import prose_prompts
 
     if threads:
         torch.set_num_threads(threads)
     runtime, runs = build_runs(folder, plans, baselines, device=device, threads=threads, mono_dir=mono_dir, log=log)
+    for name, spec in (extra_runs(runtime) if extra_runs else {}).items():
+        if name in runs:
+            raise ValueError(f"run name {name!r} is taken; give the extra run another name")
+        runs[name] = spec
     manifest = runtime.manifest
     prompts = prose_prompts(prompt_count, prompt_tokens, runtime.tokenizer, manifest.arch["vocab_size"])
     log(f"benchmarking {', '.join(runs)}: {repeats} rounds of {prompt_tokens} prompt + {new_tokens} new tokens")

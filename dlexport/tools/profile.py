@@ -42,15 +42,28 @@ def feeds_for(engine: Engine, phase: str, context: int, vocab_size: int, seed: i
 
 def profile_builtin(folder: Path | str, contexts=DEFAULT_CONTEXTS, *, device: str = "cpu", threads: int | None = 1,
                     min_runs: int = 5, min_seconds: float = 0.2, warmup: int = 2, log=print) -> CostTable:
-    """Time each engine's ``run`` (synchronised on CUDA) over the engine interface, as the runtime calls it."""
+    """Time each engine's ``run`` (synchronised on CUDA) over the engine interface, as the runtime calls it.
+
+    Shapes outside a built engine's optimization profiles (engine folders record them) are skipped, not failed.
+    """
+    from .trtexec import concrete_shapes, select_profile
+
     manifest, engines = open_engines(Path(folder), device=device, threads=threads)
+    index = Path(folder) / "engines.json"
+    built = read_json(index, "engine folder index") if index.exists() else {"backend": "onnxruntime", "engines": {}}
     vocab = manifest.arch["vocab_size"]
     sync = torch.cuda.synchronize if device.startswith("cuda") or device == "tensorrt" else (lambda: None)
-    entries = []
+    entries, skipped = [], []
     for name, engine in engines.items():
         t0 = time.perf_counter()
+        profiles = built["engines"].get(name, {}).get("profiles") or []
         for context in contexts:
             for phase in PHASES:
+                shapes = concrete_shapes(engine.inputs, phase_shape(phase, context, name))
+                if profiles and select_profile(profiles, phase, shapes) is None:
+                    skipped.append({"engine": name, "phase": phase, "context": context,
+                                    "reason": "shapes outside every optimization profile of the engine"})
+                    continue
                 feeds = feeds_for(engine, phase, context, vocab)
                 samples = time_calls(lambda: engine.run(feeds), warmup=warmup, min_runs=min_runs,
                                      min_seconds=min_seconds, sync=sync)
@@ -58,11 +71,9 @@ def profile_builtin(folder: Path | str, contexts=DEFAULT_CONTEXTS, *, device: st
                 entries.append({"engine": name, "phase": phase, "context": context, "tokens": dims["tokens"],
                                 "past": dims["past"], **summary_ms(samples)})
         log(f"  {name}: {time.perf_counter() - t0:.1f} s")
-    index = Path(folder) / "engines.json"
-    backend = read_json(index, "engine folder index")["backend"] if index.exists() else "onnxruntime"
-    meta = profile_meta(manifest, folder, "builtin", device, backend, contexts)
+    meta = profile_meta(manifest, folder, "builtin", device, built["backend"], contexts)
     meta["threads"] = threads
-    return CostTable(entries, meta)
+    return CostTable(entries, meta, skipped)
 
 
 def profile_meta(manifest, folder, tool: str, device: str, backend: str, contexts) -> dict:

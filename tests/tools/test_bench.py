@@ -91,3 +91,15 @@ def test_cli_errors_are_actionable(tiny_llama_export, capsys):
     assert "comma-separated list of integers" in capsys.readouterr().err
     assert main(["bench", str(tiny_llama_export.folder), "--baseline", "vllm", "--out", "/tmp/x"]) == 2
     assert "unknown baseline" in capsys.readouterr().err
+
+
+def test_extra_runs_join_the_interleaving(tiny_llama_export):
+    from dlexport.tools.bench import stitched_runner
+
+    def extra(runtime):
+        plan = Plan.skip(tiny_llama_export, [1, 2], name="middle")
+        return {"middle": RunSpec("middle", "strategy", stitched_runner(runtime, plan), plan.layers)}
+
+    result = run_bench(tiny_llama_export.folder, [], baselines=["full"], prompt_tokens=8, new_tokens=4, repeats=1,
+                       prompt_count=1, extra_runs=extra, log=lambda *a: None)
+    assert list(result.runs) == ["full", "middle"] and result.runs["middle"]["kind"] == "strategy"
