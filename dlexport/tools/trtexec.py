@@ -153,9 +153,9 @@ def read_engine_folder(folder: Path) -> dict:
     data = read_json(path, "engine folder index")
     if data.get("format") != "dlexport-engines":
         raise ValueError(f"{path} is not a dlexport engine index (format {data.get('format')!r})")
-    if data.get("backend") not in ("tensorrt", "tensorrt-rtx"):
-        raise ValueError(f"{folder} holds {data.get('backend')} engines; trtexec runs TensorRT engines only: use "
-                         "`--tool builtin`")
+    if data.get("backend") != "tensorrt":
+        raise ValueError(f"{folder} holds {data.get('backend')} engines; trtexec runs standard TensorRT engines only "
+                         "(TensorRT for RTX ships its own tensorrt_rtx tool): use `--tool builtin`")
     return data
 
 
