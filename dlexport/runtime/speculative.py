@@ -1,0 +1,315 @@
+"""Self-speculative decoding: draft with some of the plan's own layers, verify with the whole plan in one pass.
+
+A round starts with every plan layer caching positions < t and x_t, the last emitted token, not yet run.
+
+1. Draft: k one-token steps through the draft layers and the exit head (with the plan's calibrated
+   adapter at the draft's last layer, when it has one) give d_1..d_k (q_1..q_k when sampling).
+2. Verify: [x_t, d_1..d_k] run through the plan's layers as k+1 new tokens, giving p_0..p_k. The first s plan
+   layers that the draft shares as a prefix already hold exact key/values for x_t..d_{k-1}, and the draft kept
+   their hidden states, so only d_k still goes through them.
+3. Accept the longest prefix d_1..d_j every row agrees with, emit it plus one more token per row (the correction,
+   or the bonus token when all k agree), and roll every layer back to t+j+1 by moving its length.
+
+One cache serves both: draft layers past the shared prefix write provisional key/values for the drafted positions
+into the plan's buffers, and verification overwrites them. A skip-set draft thus attends to the full plan's
+key/values of the accepted history (as in Draft & Verify), needs no second cache and never catches up.
+
+Greedy rounds emit argmax p_i, so the output is plain greedy decoding's. Sampling accepts d_i with probability
+min(1, p/q) and otherwise draws from max(0, p - q) normalised, so each token follows the full plan's distribution.
+A round with k = 0 is exactly a plain decoding step; that is what a switched-off speculator runs.
+With a batch, rows accept the common prefix (a row's token at position i is decided before it is known whether
+the round reaches i, so truncating at another row's rejection keeps every row's distribution exact).
+Early exit is not combined with speculation: the plan's exit policy only lends its adapter to the draft head.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .plan import Draft, Plan, PlanError
+from .runtime import StepStats, StreamEvent, _Segment
+from .sampling import Sampling, pick, probabilities
+
+
+# -- the acceptance step (pure, tested on fixed distributions) -----------------------------------------------------
+def accept(draft: torch.Tensor, target_logits: torch.Tensor, q: torch.Tensor | None, sampling: Sampling,
+           generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decide a round: draft [B, k] tokens, target_logits [B, k+1, V], q [B, k, V] draft probabilities (sampling).
+
+    Returns (outcome [B, k+1], accepted [B, k]): outcome[:, i] is the token to emit at position i if the round
+    gets there (d_i when accepted, else the correction; the last one is the bonus token).
+    """
+    b, k1, v = target_logits.shape
+    if sampling.greedy:
+        outcome = target_logits.argmax(-1)
+        return outcome, draft == outcome[:, :-1]
+    p = probabilities(target_logits.reshape(b * k1, v), sampling).view(b, k1, v)
+    p_d = p[:, :-1].gather(-1, draft[..., None]).squeeze(-1)
+    q_d = q.gather(-1, draft[..., None]).squeeze(-1)
+    u = torch.rand(p_d.shape, generator=generator, device=p_d.device)
+    accepted = u * q_d < p_d
+    residual = (p[:, :-1] - q).clamp_(min=0)
+    mass = residual.sum(-1, keepdim=True)
+    residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p[:, :-1])
+    dist = torch.cat([residual, p[:, -1:]], dim=1).view(b * k1, v)
+    fresh = torch.multinomial(dist, 1, generator=generator).view(b, k1)
+    outcome = torch.cat([torch.where(accepted, draft, fresh[:, :-1]), fresh[:, -1:]], dim=1)
+    return outcome, accepted
+
+
+# -- cost model and adaptive draft length ---------------------------------------------------------------------------
+def subgraph_costs(manifest) -> tuple[dict[int, float], float]:
+    """(cost per layer, head cost) in units of the mean layer, from the exported weight sizes.
+
+    Decoding one token is dominated by reading weights, so a subgraph's file size is its cost; SmolLM2-135M's head
+    (49152 x 576) costs about 8 layers, which is what sinks its drafts.
+    """
+    def size(name):
+        return sum(f.get("size", 0) for f in manifest.subgraph(name).get("files", ()))
+
+    layers = {i: size(manifest.layer_key(i)) for i in range(manifest.num_layers)}
+    mean = sum(layers.values()) / len(layers)
+    if not mean:
+        return {i: 1.0 for i in layers}, 1.0
+    return {i: s / mean for i, s in layers.items()}, size("head") / mean
+
+
+def expected_speedup(k: int, alpha: float, draft_cost: float, plan_cost: float) -> float:
+    """Tokens per cost relative to plain decoding, if each drafted token is accepted with probability alpha.
+
+    A round emits (1 - alpha^(k+1)) / (1 - alpha) tokens on average and costs k drafts plus one verification
+    (every plan layer once, plus the head); plain decoding costs ``plan_cost`` per token.
+    """
+    tokens = k + 1 if alpha >= 1.0 else (1 - alpha ** (k + 1)) / (1 - alpha)
+    return tokens * plan_cost / (k * draft_cost + plan_cost)
+
+
+@dataclass
+class Speculator:
+    """The draft's layers and the draft length policy of one request."""
+
+    layers: tuple[int, ...]
+    shared: int  # plan layers the draft shares as a prefix
+    k_max: int
+    adaptive: bool
+    draft_cost: float  # draft layers + head, per drafted token
+    plan_cost: float  # plan layers + head, per plain token
+    plan_layers: int
+    min_evidence: int = 8  # drafted tokens before the adaptive policy trusts its acceptance estimate
+    k: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    rejections: int = 0
+    rounds: int = 0  # rounds that drafted
+    verifications: int = 0  # all rounds, plain steps included
+    emitted: int = 0  # tokens the rounds produced
+    off_message: str = ""
+
+    def __post_init__(self):
+        self.k = self.k_max
+
+    @classmethod
+    def for_plan(cls, runtime, plan: Plan, draft: Draft) -> "Speculator":
+        missing = sorted(set(draft.layers) - set(plan.layers))
+        if missing:
+            raise PlanError(f"draft layers {missing} are not in the plan's layers; a self-speculative draft uses a "
+                            "subset of the layers it is verified with: drop them from 'draft.layers'")
+        if tuple(draft.layers) == tuple(plan.layers):
+            raise PlanError("the draft runs every layer of the plan, so it cannot be cheaper than verifying: give "
+                            "'draft.layers' fewer layers")
+        shared = 0
+        while shared < len(draft.layers) and draft.layers[shared] == plan.layers[shared]:
+            shared += 1
+        layer_cost, head_cost = subgraph_costs(runtime.manifest)
+        return cls(tuple(draft.layers), shared, draft.k, draft.adaptive,
+                   sum(layer_cost[i] for i in draft.layers) + head_cost,
+                   sum(layer_cost[i] for i in plan.layers) + head_cost, len(plan.layers))
+
+    @property
+    def alpha(self) -> float:
+        """Per-token acceptance estimate: accepted / (accepted + rejections), with one pseudo-count of each."""
+        return (self.accepted + 1) / (self.accepted + self.rejections + 2)
+
+    def next_k(self, remaining: int) -> int:
+        """Draft length for the next round; 0 (a plain step) when off or when one token is left."""
+        return min(self.k, max(remaining - 1, 0))
+
+    def update(self, k: int, j: int) -> None:
+        self.verifications, self.emitted = self.verifications + 1, self.emitted + j + 1
+        if not k:
+            return
+        self.rounds += 1
+        self.drafted, self.accepted, self.rejections = self.drafted + k, self.accepted + j, self.rejections + (j < k)
+        if not self.adaptive or self.drafted < self.min_evidence:
+            return
+        alpha = self.alpha
+        best = max(range(1, self.k_max + 1), key=lambda n: expected_speedup(n, alpha, self.draft_cost, self.plan_cost))
+        gain = expected_speedup(best, alpha, self.draft_cost, self.plan_cost)
+        if gain <= 1.0:
+            self.k = 0
+            self.off_message = (f"speculation switched off after {self.drafted} drafted tokens: acceptance "
+                                f"{alpha:.2f} with a draft costing {self.draft_cost:.1f} layer-units per token "
+                                f"against {self.plan_cost:.1f} for the plan predicts {gain:.2f}x plain decoding")
+        else:
+            self.k = best
+
+    def stats(self) -> dict:
+        a = self.accepted / self.drafted if self.drafted else 0.0
+        spent = self.drafted * self.draft_cost + self.verifications * self.plan_cost
+        layers = self.drafted * len(self.layers) + self.verifications * self.plan_layers
+        return {"strategy": "speculative", "draft_layers": list(self.layers), "shared_prefix": self.shared,
+                "rounds": self.rounds, "drafted": self.drafted, "accepted": self.accepted, "acceptance_rate": a,
+                "mean_accepted_length": self.accepted / self.rounds if self.rounds else 0.0,
+                "final_k": self.k, "draft_cost": self.draft_cost, "plan_cost": self.plan_cost,
+                "layers_per_token": layers / self.emitted if self.emitted else None,
+                "layer_cost_speedup": self.emitted * self.plan_cost / spent if spent else None,
+                "expected_speedup_at_measured_acceptance": expected_speedup(
+                    max(self.k, 1), self.alpha, self.draft_cost, self.plan_cost) if self.drafted else None,
+                "switched_off": self.off_message}
+
+
+# -- decoding ---------------------------------------------------------------------------------------------------
+@dataclass
+class Request:
+    """The state of one generation request: cache, emitted tokens, stop bookkeeping."""
+
+    runtime: object
+    ids: torch.Tensor
+    valid: torch.Tensor
+    plan: Plan
+    sampling: Sampling
+    stops: set
+    max_new_tokens: int
+    steps: list = field(default_factory=list)
+    n: int = 0  # tokens emitted
+
+    def __post_init__(self):
+        rt, dev = self.runtime, self.runtime.device
+        self.ids, self.valid = self.ids.to(dev), self.valid.to(dev)
+        self.batch, prompt_len = self.ids.shape
+        capacity = rt._check_length(prompt_len, self.max_new_tokens)
+        self.cache = rt.new_cache(self.plan.layers, self.batch, capacity)
+        self.cache.valid[:, :prompt_len] = self.valid
+        self.cache.valid[:, prompt_len:] = True
+        self.pad = (~self.valid).sum(1, keepdim=True)
+        self.slot = prompt_len  # slot of the last emitted token, which no layer has run yet
+        self.generator = self.sampling.generator(dev)
+        self.out = torch.zeros(self.batch, self.max_new_tokens, dtype=torch.int64, device=dev)
+        self.done = torch.zeros(self.batch, dtype=torch.bool, device=dev)
+        self.stop_ids = torch.tensor(sorted(self.stops), dtype=torch.int64, device=dev) if self.stops else None
+
+    def positions(self, slot: int, tokens: int = 1) -> torch.Tensor:
+        return (torch.arange(slot, slot + tokens, device=self.runtime.device)[None] - self.pad).clamp_(min=0)
+
+    def prefill(self) -> torch.Tensor:
+        """Run the prompt through the plan; return the last position's logits."""
+        logits, _ = self.runtime._step(self.ids, self.positions(0, self.ids.shape[1]), self.plan.layers, self.cache,
+                                       None, None)
+        return logits
+
+    def emit(self, tokens: torch.Tensor, layers_per_token: float):
+        """Record emitted tokens [B, n] in order; yield one event each; stop at the budget or when every row stopped."""
+        for i in range(tokens.shape[1]):
+            token = torch.where(self.done, torch.full_like(tokens[:, i], self.runtime.pad_id), tokens[:, i])
+            self.out[:, self.n] = token
+            self.n += 1
+            stats = StepStats(layers_per_token, None)
+            self.steps.append(stats)
+            if self.stop_ids is not None:
+                self.done |= torch.isin(token, self.stop_ids)
+            yield StreamEvent(self.n, token.tolist(), stats, None)
+            if self.finished:
+                return
+
+    @property
+    def finished(self) -> bool:
+        return self.n >= self.max_new_tokens or bool(self.done.all())
+
+    def last_tokens(self) -> torch.Tensor:
+        return self.out[:, self.n - 1:self.n]
+
+
+def decode(req: Request, first_logits: torch.Tensor, spec: Speculator | None, t0: float, prefill_s: float, extra):
+    """Emit tokens until done: speculative rounds, or plain steps when ``spec`` is None or switched off."""
+    rt = req.runtime
+    yield from req.emit(pick(first_logits, req.sampling, req.generator)[:, None], len(req.plan.layers))
+    while not req.finished:
+        k = spec.next_k(req.max_new_tokens - req.n) if spec else 0
+        tokens, layers = _round(req, spec, k)
+        yield from req.emit(tokens, layers / tokens.shape[1])
+    total_s = time.perf_counter() - t0
+    result = rt._result(req.ids, req.valid, req.out[:, :req.n], req.stops, req.steps, prefill_s, total_s, req.plan)
+    result.extra.update(extra() if callable(extra) else extra)
+    yield StreamEvent(req.n, [], None, result)
+
+
+def _round(req: Request, spec: Speculator | None, k: int) -> tuple[torch.Tensor, int]:
+    """One round; returns (tokens to emit [B, j+1], decoder layers run)."""
+    rt, cache, plan, t = req.runtime, req.cache, req.plan, req.slot
+    cache.new_step()
+    shared = spec.shared if spec else 0
+    kept, draft, q = _draft(req, spec, k) if k else ([], req.last_tokens(), None)
+    seg = rt.embed(draft[:, -1:], req.positions(t + k))
+    rt.run_layers(seg, plan.layers[:shared], cache)
+    if k:
+        for i in spec.layers[shared:]:
+            cache.rollback(i, t)
+        parts = kept + [(seg.hidden, seg.cos, seg.sin)]
+        seg = _Segment(*(None if x[0] is None else torch.cat(x, dim=1) for x in zip(*parts)))
+    rt.run_layers(seg, plan.layers, cache, start=shared)
+    logits = rt._call("head", {"hidden_states": seg.hidden})["logits"]
+    if not k:
+        outcome, j = pick(logits[:, -1], req.sampling, req.generator)[:, None], 0
+    else:
+        outcome, accepted = accept(draft[:, 1:], logits, q, req.sampling, req.generator)
+        j = int((accepted | req.done[:, None]).long().cumprod(1).sum(1).min())  # stopped rows never hold back
+    for i in plan.layers:
+        cache.rollback(i, t + j + 1)
+    req.slot = t + j + 1
+    if spec:
+        spec.update(k, j)
+    return outcome[:, :j + 1], k * len(spec.layers if spec else ()) + len(plan.layers)
+
+
+def _draft(req: Request, spec: Speculator, k: int):
+    """k one-token draft steps from the last emitted token.
+
+    Returns (kept: per step (hidden, cos, sin) after the shared prefix, tokens [B, k+1] = last emitted then d_1..d_k,
+    q: draft probabilities [B, k, V] when sampling, else None).
+    """
+    rt, cache, t = req.runtime, req.cache, req.slot
+    tokens, kept, qs = [req.last_tokens()], [], []
+    for i in range(k):
+        seg = rt.embed(tokens[-1], req.positions(t + i))
+        rt.run_layers(seg, spec.layers[:spec.shared], cache)
+        kept.append((seg.hidden.clone(), _clone(seg.cos), _clone(seg.sin)))
+        rt.run_layers(seg, spec.layers, cache, start=spec.shared)
+        logits = rt.exit_head(spec.layers[-1], seg.hidden[:, -1:], req.plan.exit)  # calibrated adapter if any
+        if req.sampling.greedy:
+            tokens.append(logits.argmax(-1, keepdim=True))
+        else:
+            qs.append(probabilities(logits, req.sampling))
+            tokens.append(torch.multinomial(qs[-1], 1, generator=req.generator))
+    return kept, torch.cat(tokens, dim=1), torch.stack(qs, dim=1) if qs else None
+
+
+def _clone(t):
+    return None if t is None else t.clone()
+
+
+def generate_speculative(runtime, ids, valid, max_new_tokens: int, plan: Plan, sampling: Sampling, stops,
+                         profile: bool, *, draft: Draft | None = None):
+    """Runtime.stream's body for strategy="speculative": the plan's own ``draft`` unless one is given."""
+    draft = draft or plan.draft
+    if draft is None:
+        raise PlanError("strategy 'speculative' needs draft layers: give the plan a 'draft' entry or pass "
+                        "draft=Draft(layers=...) (CLI: --draft-layers)")
+    spec = Speculator.for_plan(runtime, plan, draft)
+    runtime.profile, runtime._timings = profile, {}
+    req = Request(runtime, ids, valid, plan, sampling, stops, max_new_tokens)
+    t0 = time.perf_counter()
+    first = req.prefill()
+    prefill_s = time.perf_counter() - t0
+    yield from decode(req, first, spec, t0, prefill_s, spec.stats)

@@ -1,0 +1,170 @@
+"""Self-speculative decoding: greedy equals plain greedy token for token; sampling keeps the full model's distribution."""
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from dlexport.exporter import export
+from dlexport.runtime import Plan, PlanError, Runtime, Sampling
+from dlexport.runtime.plan import Draft
+from dlexport.runtime.sampling import probabilities
+from dlexport.runtime.speculative import accept, expected_speedup
+
+
+def _prompts(vocab: int, lengths=(9, 5), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module", params=["tiny_llama_export", "tiny_opt_export"])
+def tiny_runtime(request):
+    return Runtime.load(request.getfixturevalue(request.param).folder)
+
+
+@pytest.fixture(scope="module")
+def quiet_runtime(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quiet") / "export"
+    return Runtime.load(export("tiny-llama-quiet", out, random_weights=True, progress=False, log=lambda *a: None).folder)
+
+
+@pytest.mark.parametrize("draft", [(0,), (0, 1), (0, 2), (1, 3)], ids=["prefix1", "prefix2", "skip", "skip-first"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_greedy_equals_plain_greedy(tiny_runtime, draft, batch):
+    rt = tiny_runtime
+    prompts = _prompts(rt.manifest.arch["vocab_size"])[:batch]
+    plan = Plan.full(rt.manifest)
+    plain = rt.generate(prompts, 24, plan, stop_tokens=[])
+    for k, adaptive in [(1, False), (3, False), (4, True)]:
+        spec = rt.generate(prompts, 24, plan, stop_tokens=[], strategy="speculative", draft=Draft(draft, k, adaptive))
+        assert spec.tokens == plain.tokens, (draft, k, adaptive)
+        assert spec.extra["strategy"] == "speculative" and spec.extra["drafted"] > 0
+
+
+def test_greedy_with_a_skip_plan_and_stop_tokens(tiny_runtime):
+    rt = tiny_runtime
+    prompts = _prompts(rt.manifest.arch["vocab_size"])
+    plan = Plan.skip(rt.manifest, (0, 1, 3))
+    plain = rt.generate(prompts, 20, plan, stop_tokens=[])
+    stop = plain.tokens[0][6]  # a token the first row emits mid-way: it must stop there, the other row go on
+    plain = rt.generate(prompts, 20, plan, stop_tokens=[stop])
+    spec = rt.generate(prompts, 20, plan, stop_tokens=[stop], strategy="speculative", draft=Draft((0,), 3, False))
+    assert spec.tokens == plain.tokens
+
+
+def test_best_case_model_accepts_almost_every_draft(quiet_runtime):
+    rt = quiet_runtime
+    prompts = _prompts(rt.manifest.arch["vocab_size"])
+    plan = Plan.full(rt.manifest)
+    plain = rt.generate(prompts, 32, plan, stop_tokens=[])
+    spec = rt.generate(prompts, 32, plan, stop_tokens=[], strategy="speculative", draft=Draft((0,), 4, True))
+    assert spec.tokens == plain.tokens
+    assert spec.extra["acceptance_rate"] > 0.9 and not spec.extra["switched_off"]
+    assert spec.mean_layers < 0.6 * len(plan.layers)  # 1 draft layer x 4 + 4 verify layers per ~5 tokens
+
+
+def test_adaptive_switches_off_when_drafts_are_rejected(tiny_opt_export):
+    rt = Runtime.load(tiny_opt_export.folder)
+    prompts = _prompts(rt.manifest.arch["vocab_size"])[:1]
+    plan = Plan.full(rt.manifest)
+    plain = rt.generate(prompts, 48, plan, stop_tokens=[])
+    spec = rt.generate(prompts, 48, plan, stop_tokens=[], strategy="speculative", draft=Draft((0, 1, 2), 4, True))
+    assert spec.tokens == plain.tokens
+    assert spec.extra["acceptance_rate"] < 0.3
+    assert "switched off" in spec.extra["switched_off"] and spec.extra["final_k"] == 0
+    fixed = rt.generate(prompts, 48, plan, stop_tokens=[], strategy="speculative", draft=Draft((0, 1, 2), 4, False))
+    assert fixed.extra["switched_off"] == "" and fixed.extra["drafted"] > spec.extra["drafted"]
+
+
+def test_expected_speedup():
+    assert expected_speedup(4, 1.0, 2.0, 10.0) == pytest.approx(5 * 10 / (4 * 2 + 10))
+    assert expected_speedup(1, 0.0, 2.0, 10.0) == pytest.approx(10 / 12)
+
+
+def test_refuses_drafts_that_cannot_work(tiny_llama_export):
+    rt = Runtime.load(tiny_llama_export.folder)
+    plan = Plan.skip(rt.manifest, (0, 1, 3))
+    with pytest.raises(PlanError, match="not in the plan"):
+        rt.generate([1, 2, 3], 4, plan, strategy="speculative", draft=Draft((0, 2)))
+    with pytest.raises(PlanError, match="every layer"):
+        rt.generate([1, 2, 3], 4, plan, strategy="speculative", draft=Draft((0, 1, 3)))
+    with pytest.raises(PlanError, match="needs draft layers"):
+        rt.generate([1, 2, 3], 4, plan, strategy="speculative")
+
+
+# -- the acceptance step on fixed distributions ------------------------------------------------------------------
+def test_accept_greedy_takes_the_agreeing_prefix():
+    target = torch.full((1, 4, 6), -5.0)
+    for i, t in enumerate([2, 3, 1, 5]):
+        target[0, i, t] = 5.0
+    outcome, accepted = accept(torch.tensor([[2, 3, 4]]), target, None, Sampling(), None)
+    assert outcome.tolist() == [[2, 3, 1, 5]] and accepted.tolist() == [[True, True, False]]
+
+
+def test_accept_sampling_reproduces_the_target_distribution():
+    """Over many independent rows: emitted token ~ p, acceptance rate = sum min(p, q), bonus token ~ p_last."""
+    n = 200_000
+    p0 = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    p1 = torch.tensor([0.1, 0.1, 0.1, 0.2, 0.5])
+    q = torch.tensor([0.05, 0.1, 0.5, 0.05, 0.3])  # far from p0: plain acceptance would be visibly wrong
+    g = torch.Generator().manual_seed(0)
+    draft = torch.multinomial(q.expand(n, -1), 1, replacement=True, generator=g)
+    target_logits = torch.stack([p0.log(), p1.log()])[None].expand(n, -1, -1)
+    outcome, accepted = accept(draft, target_logits, q.expand(n, 1, -1), Sampling(temperature=1.0), g)
+    for col, p in ((0, p0), (1, p1)):
+        counts = torch.bincount(outcome[:, col], minlength=5).double()
+        assert chisquare(counts.numpy(), (p * n).double().numpy()).pvalue > 1e-3
+    assert accepted.double().mean().item() == pytest.approx(torch.minimum(p0, q).sum().item(), abs=0.005)
+    wrong = torch.bincount(draft[:, 0], minlength=5).double()  # the draft's own tokens fail the same test
+    assert chisquare(wrong.numpy(), (p0 * n).double().numpy()).pvalue < 1e-6
+
+
+def test_speculative_sampling_matches_the_models_distribution(tiny_llama_export, tiny_llama_model):
+    """Joint frequencies of the first 3 sampled tokens (top-k 3) against the exact distribution from PyTorch."""
+    rt = Runtime.load(tiny_llama_export.folder)
+    sampling = Sampling(temperature=1.0, top_k=3)
+    prompt = _prompts(rt.manifest.arch["vocab_size"], lengths=(6,))[0]
+    model = tiny_llama_model.model
+
+    def dist(seq):
+        with torch.no_grad():
+            logits = model(torch.tensor([seq])).logits[:, -1]
+        return probabilities(logits, sampling)[0]
+
+    exact = {}
+    p1 = dist(prompt)
+    for a in p1.nonzero().flatten().tolist():
+        p2 = dist(prompt + [a])
+        for b in p2.nonzero().flatten().tolist():
+            p3 = dist(prompt + [a, b])
+            for c in p3.nonzero().flatten().tolist():
+                exact[(a, b, c)] = (p1[a] * p2[b] * p3[c]).item()
+    rows, runs = 400, 5
+    counts = dict.fromkeys(exact, 0)
+    drafted = 0
+    for seed in range(runs):
+        gen = rt.generate([prompt] * rows, 3, Plan.full(rt.manifest), stop_tokens=[], strategy="speculative",
+                          draft=Draft((0, 1), 2, False), sampling=Sampling(1.0, 3, seed=seed))
+        drafted += gen.extra["drafted"]
+        for row in gen.tokens:
+            counts[tuple(row)] += 1
+    assert drafted > 0
+    n = rows * runs
+    observed = [counts[key] for key in exact]
+    expected = [exact[key] * n for key in exact]
+    scale = n / sum(expected)
+    assert chisquare(observed, [e * scale for e in expected]).pvalue > 1e-3
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_equals_plain_greedy(smollm2_export):
+    rt = Runtime.load(smollm2_export.folder)
+    prompts = ["The GNU General Public License is a free, copyleft license for",
+               "Permission is hereby granted, free of charge, to any person obtaining"]
+    plan = Plan.full(rt.manifest)
+    plain = rt.generate(prompts, 24, plan, stop_tokens=[])
+    for draft in [tuple(range(12)), tuple(range(0, 30, 2))]:
+        spec = rt.generate(prompts, 24, plan, stop_tokens=[], strategy="speculative", draft=Draft(draft, 4, False))
+        assert spec.tokens == plain.tokens, draft
+        one = rt.generate(prompts[:1], 24, plan, stop_tokens=[], strategy="speculative", draft=Draft(draft, 4, False))
+        assert one.tokens == plain.tokens[:1], draft
