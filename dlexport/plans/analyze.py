@@ -3,7 +3,7 @@
 One run gives: perplexity and agreement vs layers executed for greedy skip, evenly spaced skip and static early exit
 (with and without calibrated exit heads); the exit-signal trade-offs (agreement vs predicted speedup, head checks
 counted); the per-sequence oracle; a predicted speedup per strategy; and a plain recommendation. It writes
-report.md, report.json and PNG plots into one folder.
+report.md, report.json and one PNG figure (analyze.png) into one folder.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from .text import load_splits
 
 TARGETS = (0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 ACCEPTABLE_AGREEMENT = 0.9  # what the recommendation calls usable quality
+WORTHWHILE_SPEEDUP = 1.05  # below this a predicted gain is within the cost model's error
 
 
 def depth_grid(n: int) -> list[int]:
@@ -153,22 +154,33 @@ def recommend(report) -> list[str]:
                          f"greedy plan ({r['layers']}/{n} layers, {r['predicted_speedup']:.2f}x predicted) keeps "
                          f"{r['greedy']['agreement']:.0%} agreement (perplexity {r['greedy']['ppl']:.1f} vs "
                          f"{full['ppl']:.1f}); use it only where that loss is acceptable.")
-    mid = next((r for r in report["skip"] if r["layers"] < n), None)
+    shallower = [r for r in report["skip"] if r["layers"] < n]
+    mid = shallower[0] if shallower else None
     if mid:
-        lines.append(f"Choose layers by calibration, never evenly: at {mid['layers']} layers greedy removal gives "
-                     f"perplexity {mid['greedy']['ppl']:.1f} against {mid['even']['ppl']:.1f} for evenly spaced "
-                     "removal.")
+        pairs = "; ".join(f"{r['layers']} layers {r['greedy']['ppl']:.1f} vs {r['even']['ppl']:.1f}"
+                          for r in shallower[:3])
+        lines.append(f"Choose layers by calibration, never evenly: held-out perplexity of greedy vs evenly spaced "
+                     f"removal: {pairs}.")
     for heads in ("raw", "adapters"):
         e = _best_exit(report, heads, ACCEPTABLE_AGREEMENT)
         label = "with calibrated exit heads" if heads == "adapters" else "with the shared head"
         hc = report["costs"]["head_in_layers"]
-        if e is None or e["held_out"]["speedup"] <= 1.0:
+        h = e["held_out"] if e else None
+        if h is None or h["speedup"] < WORTHWHILE_SPEEDUP or h["agreement"] < ACCEPTABLE_AGREEMENT - 0.01:
+            best = f" (best found: {h['speedup']:.2f}x at {h['agreement']:.0%} held-out agreement)" if h else ""
             lines.append(f"Early exit {label} does not pay: no policy reaches {ACCEPTABLE_AGREEMENT:.0%} agreement "
-                         f"for less than the full model's cost (a head check costs {hc:.1f} layers).")
+                         f"at a predicted speedup of {WORTHWHILE_SPEEDUP}x or more{best}; a head check costs "
+                         f"{hc:.1f} layers.")
         else:
-            h = e["held_out"]
-            lines.append(f"Early exit {label} pays a little: {e['criterion']} at layers {h['layers']} gives "
+            lines.append(f"Early exit {label} pays: {e['criterion']} at layers {h['layers']} gives "
                          f"{h['agreement']:.0%} held-out agreement at a predicted {h['speedup']:.2f}x.")
+    if mid:
+        gap = mid["exit_adapters"]["agreement"] - mid["greedy"]["agreement"]
+        verdict = ("calibrated exit heads are worth shipping with truncated or draft depths" if gap > 0 else
+                   "the greedy skip plan is the better shallow model here")
+        lines.append(f"At {mid['layers']} layers, stopping there and reading a calibrated exit head keeps "
+                     f"{mid['exit_adapters']['agreement']:.0%} agreement against {mid['greedy']['agreement']:.0%} "
+                     f"for the greedy skip plan: {verdict}.")
     o = report["oracle"]
     verdict = "does not pay" if o["mean_fraction"] > 0.9 else "may pay"
     lines.append(f"Per-sequence depth {verdict}: even an oracle that knows each prompt's answer needs "
@@ -197,6 +209,9 @@ def markdown(report) -> str:
                                                                             "exit_adapters")]
         lines.append(f"| {r['layers']} | {r['predicted_speedup']:.2f}x | " + " | ".join(cells) + " |")
     lines += ["", "## Early-exit policies (chosen on calibration, reported on held-out)", "",
+              "Cost per token = layers run + one head call per exit check (+ the final head when it never exits). "
+              "The deeper key/values of an exited token are filled later, batched with the next token; that fill "
+              "is counted as free (a bandwidth-bound decode step), so these speedups are upper bounds.", "",
               "| heads | target | criterion | exit layers | held-out agreement | exit rate | mean layers | "
               "predicted speedup |", "|---|---|---|---|---|---|---|---|"]
     for r in report["exit_tradeoffs"]:
@@ -216,13 +231,14 @@ def markdown(report) -> str:
               f"{o['prompts']} held-out prompts of {o['prompt_tokens']} tokens, {o['new_tokens']} greedy tokens each: "
               f"the fewest ladder layers whose reply equals the full model's average {o['mean_layers']:.1f} of "
               f"{m['layers']} ({o['mean_fraction']:.1%}; predicted speedup at best {o['predicted_speedup']:.2f}x).",
-              "", "![quality vs layers](quality.png)", "", "![exit trade-offs](exits.png)", "",
+              "", "![what dynamic depth buys](analyze.png)", "",
               f"Measured in {report['wall_s']:.0f} s with {report['threads']} PyTorch thread(s) "
               "(`dlexport analyze`).", ""]
     return "\n".join(lines)
 
 
 def _plots(report, out: Path) -> None:
+    """One figure (analyze.png): quality vs depth (perplexity, agreement), exit trade-offs, per-layer agreement."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -230,43 +246,38 @@ def _plots(report, out: Path) -> None:
 
     rows = report["skip"]
     ks = [r["layers"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     series = [("greedy", "greedy skip"), ("even", "evenly spaced skip"), ("exit_raw", "exit at K"),
               ("exit_adapters", "exit at K + adapter")]
     for key, label in series:
-        axes[0].plot(ks, [r[key]["ppl"] for r in rows], marker="o", label=label)
-        axes[1].plot(ks, [r[key]["agreement"] for r in rows], marker="o", label=label)
-    axes[0].set_yscale("log")
-    axes[0].set_ylabel("held-out perplexity")
-    axes[1].set_ylabel("agreement with the full model")
-    for ax in axes:
+        axes[0, 0].plot(ks, [r[key]["ppl"] for r in rows], marker="o", label=label)
+        axes[0, 1].plot(ks, [r[key]["agreement"] for r in rows], marker="o", label=label)
+    axes[0, 0].set_yscale("log")
+    axes[0, 0].set_ylabel("held-out perplexity")
+    axes[0, 1].set_ylabel("agreement with the full model")
+    for ax in axes[0]:
         ax.set_xlabel("layers executed")
-        ax.grid(alpha=0.3)
         ax.invert_xaxis()
-    axes[1].legend()
-    fig.suptitle(f"{report['model']['source']}: quality vs depth")
-    fig.tight_layout()
-    fig.savefig(out / "quality.png", dpi=110)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0, 1].legend()
     for heads, ls in (("raw", "-"), ("adapters", "--")):
         for criterion in CRITERIA:
             pts = [(r["held_out"]["speedup"], r["held_out"]["agreement"]) for r in report["exit_tradeoffs"]
                    if r["heads"] == heads and r["criterion"] == criterion and r["reached"]]
             if pts:
-                axes[0].plot(*zip(*pts), ls, marker="o", label=f"{criterion} ({heads} heads)")
-    axes[0].axvline(1.0, color="grey", lw=0.8)
-    axes[0].set_xlabel("predicted speedup (head checks counted)")
-    axes[0].set_ylabel("held-out agreement")
-    axes[0].legend(fontsize=7)
-    axes[0].grid(alpha=0.3)
+                axes[1, 0].plot(*zip(*pts), ls, marker="o", label=f"{criterion} ({heads} heads)")
+    axes[1, 0].axvline(1.0, color="grey", lw=0.8)
+    axes[1, 0].set_xlabel("early exit: predicted speedup (head checks counted)")
+    axes[1, 0].set_ylabel("held-out agreement")
+    axes[1, 0].legend(fontsize=7)
     for heads, label in (("raw", "shared head"), ("adapters", "calibrated exit head")):
-        axes[1].plot(range(report["model"]["layers"]), report["per_layer_agreement"][heads], marker=".", label=label)
-    axes[1].set_xlabel("layer")
-    axes[1].set_ylabel("agreement with the final prediction")
-    axes[1].legend()
-    axes[1].grid(alpha=0.3)
+        axes[1, 1].plot(range(report["model"]["layers"]), report["per_layer_agreement"][heads], marker=".",
+                        label=label)
+    axes[1, 1].set_xlabel("layer")
+    axes[1, 1].set_ylabel("agreement with the final prediction")
+    axes[1, 1].legend()
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{report['model']['source']}: what dynamic depth buys (held-out text)")
     fig.tight_layout()
-    fig.savefig(out / "exits.png", dpi=110)
+    fig.savefig(out / "analyze.png", dpi=100)
     plt.close(fig)

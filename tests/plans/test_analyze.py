@@ -6,7 +6,7 @@ from dlexport.plans.analyze import analyze
 def test_analyze_writes_report_on_tiny_opt(tiny_opt_export, tiny_opt_model, small_text, tmp_path):
     report = analyze(tiny_opt_export.folder, tmp_path, text=small_text, adapter_seqs=8, oracle_prompts=4,
                      prompt_tokens=8, new_tokens=6, loaded=tiny_opt_model, progress=False, log=lambda *a: None)
-    for name in ("report.md", "report.json", "quality.png", "exits.png"):
+    for name in ("report.md", "report.json", "analyze.png"):
         assert (tmp_path / name).stat().st_size > 0
     data = json.loads((tmp_path / "report.json").read_text())
     assert [r["layers"] for r in data["skip"]] == [4, 3, 2, 1]
