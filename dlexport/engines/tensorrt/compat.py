@@ -10,6 +10,9 @@ What differs, and how this module hides it:
   TensorRT for RTX (deprecated there since 1.2: it compiles kernels just in time on the target GPU instead).
 - targets: a standard engine is built for, and runs only on, the GPU it was built on. A TensorRT for RTX engine is
   built ahead of time without a GPU and runs on the compute capabilities it targets (by default 8.0, 8.6, 8.9, 12.x).
+
+Polygraphy's loaders are not used: with POLYGRAPHY_USE_TENSORRT_RTX=1 (0.53.6) they import ``tensorrt_rtx``, which the
+split cu13 wheels do not provide (they install ``tensorrt_rtx_bindings``), and the path needed here is a few calls.
 """
 from __future__ import annotations
 
