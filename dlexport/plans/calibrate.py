@@ -1,6 +1,7 @@
 """`plan calibrate`: a static skip plan (and its ladder) chosen by greedy removal, judged on held-out text."""
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,30 @@ def open_export(export_dir, loaded=None) -> Opened:
 
 def _journal_path(out: Path) -> Path:
     return out.with_name(f".{out.name}.progress.json")
+
+
+class _Steps:
+    """Finished expensive steps of a calibration (tensors in a folder next to the plan), for resuming."""
+
+    def __init__(self, out: Path, identity: dict):
+        self.folder = out.with_name(f".{out.name}.steps")
+        self.journal = Journal(_journal_path(out), identity)
+
+    def get(self, name: str, compute):
+        path = self.folder / f"{name}.pt"
+        if self.journal.get(name) and path.exists():
+            return torch.load(path)
+        value = compute()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".partial")
+        torch.save(value, tmp)
+        tmp.replace(path)
+        self.journal.record(name, {"file": path.name})
+        return value
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.journal.remove()
 
 
 def target_depth(num_layers: int, target_layers: int | None, target_fraction: float | None) -> int:
@@ -126,9 +151,9 @@ def calibrate_exit(export_dir, out, *, target_agreement: float, text: TextConfig
     candidate: when every policy costs more than the full model (head checks included), the plan has no exit and
     says so. ``head_cost`` (in layers) overrides the cost model, e.g. to study a cheaper head.
     """
-    from .adapters import export_adapter, fit_adapters
+    from .adapters import ExitAdapter, export_adapter, fit_adapters
     from .costs import Costs, costs_for
-    from .exits import FEATURES, collect_signals, search
+    from .exits import FEATURES, Signals, collect_signals, search
     from .exits import evaluate as evaluate_policy
     from ..runtime.plan import AdapterRef, ExitPolicy
 
@@ -145,9 +170,18 @@ def calibrate_exit(export_dir, out, *, target_agreement: float, text: TextConfig
         log(note)
     sizes = text.sizes(adapter=adapter_seqs) if adapters else text.sizes()
     splits = load_splits(o.tokenizer, sizes, text.seq_len, text.data or None, text.seed, o.tokenizer_name)
-    fitted = fit_adapters(o.stack, splits["adapter"], range(n - 1), ridge, progress) if adapters else None
-    calib = collect_signals(o.stack, splits["calibration"], fitted, progress)
-    held = collect_signals(o.stack, splits["evaluation"], fitted, progress)
+    identity = {"fingerprint": o.manifest.fingerprint, "text": splits.digest, "adapters": adapters, "ridge": ridge}
+    steps = _Steps(out, identity)
+    fitted = None
+    if adapters:
+        weights = steps.get("adapters", lambda: {i: (a.weight.data, a.bias.data) for i, a in
+                                                 fit_adapters(o.stack, splits["adapter"], range(n - 1), ridge,
+                                                              progress).items()})
+        fitted = {i: ExitAdapter(w, b) for i, (w, b) in weights.items()}
+    calib = Signals(**steps.get("signals_calibration", lambda: vars(
+        collect_signals(o.stack, splits["calibration"], fitted, progress))))
+    held = Signals(**steps.get("signals_evaluation", lambda: vars(
+        collect_signals(o.stack, splits["evaluation"], fitted, progress))))
     found = search(calib, costs, target_agreement, max_exits=max_exits)
     best = min((p for p in found.values() if p is not None), key=lambda p: p.cost)
     exit_policy, refs = None, ()
@@ -172,6 +206,7 @@ def calibrate_exit(export_dir, out, *, target_agreement: float, text: TextConfig
     name = f"exit-{best.criterion}-{target_agreement:g}" if best.layers else "full (early exit does not pay)"
     plan = Plan.skip(o.manifest, range(n), exit=exit_policy, name=name, calibration=calibration)
     plan.save(out)
+    steps.remove()
     h = calibration["held_out"][best.criterion]
     if best.layers:
         log(f"plan {out}: exit after layers {list(best.layers)} on {best.criterion} >= {best.threshold:.4g}"

@@ -49,3 +49,28 @@ def test_exit_that_does_not_pay_is_not_planned(tiny_opt_export, tiny_opt_model, 
     plan = calibrate_exit(tiny_opt_export.folder, tmp_path / "exit.json", target_agreement=0.99, head_cost=50.0,
                           text=small_text, loaded=tiny_opt_model, progress=False, log=lambda *a: None)
     assert plan.exit is None and plan.calibration["pays"] is False
+
+
+def test_interrupted_exit_calibration_resumes(tiny_opt_export, tiny_opt_model, small_text, tmp_path, monkeypatch):
+    import dlexport.plans.exits as exits
+
+    real, state = exits.collect_signals, {"calls": 0, "stop_at": 2}
+
+    def counting(*a, **kw):
+        state["calls"] += 1
+        if state["calls"] == state["stop_at"]:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(exits, "collect_signals", counting)
+    out = tmp_path / "exit.json"
+    kw = dict(target_agreement=0.7, head_cost=0.05, text=small_text, loaded=tiny_opt_model, progress=False,
+              log=lambda *a: None)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate_exit(tiny_opt_export.folder, out, **kw)
+    state.update(calls=0, stop_at=None)
+    resumed = calibrate_exit(tiny_opt_export.folder, out, **kw)
+    assert state["calls"] == 1  # the calibration-split signals came from the interrupted run
+    assert not (tmp_path / ".exit.json.steps").exists()
+    fresh = calibrate_exit(tiny_opt_export.folder, tmp_path / "fresh.json", **kw)
+    assert resumed.exit == fresh.exit
