@@ -125,12 +125,17 @@ def open_trt_engines(folder: Path, data: dict, names: list[str], device: str, re
         engines[name] = TrtEngine(name, engine, [TensorSpec.from_json(s) for s in entry["inputs"]],
                                   [TensorSpec.from_json(s) for s in entry["outputs"]], entry["profiles"], flavour,
                                   torch.device("cuda", device_id))
-    scratch = torch.empty(max(e.scratch_bytes for e in engines.values()) or 1, dtype=torch.uint8,
-                          device=torch.device("cuda", device_id))
-    for e in engines.values():
-        e.use_scratch(scratch)
-        e.scratch = scratch  # keeps the shared buffer alive as long as any engine is
+    share_scratch(list(engines.values()), torch.device("cuda", device_id))
     return engines
 
 
-__all__ = ["EngineMismatchError", "TrtEngine", "check_compatible", "open_trt_engines"]
+def share_scratch(engines: list[TrtEngine], device: torch.device) -> torch.Tensor:
+    """One scratch buffer, as large as the largest engine needs, for every context (they never run concurrently)."""
+    scratch = torch.empty(max(e.scratch_bytes for e in engines) or 1, dtype=torch.uint8, device=device)
+    for e in engines:
+        e.use_scratch(scratch)
+        e.scratch = scratch  # keeps the shared buffer alive as long as any engine is
+    return scratch
+
+
+__all__ = ["EngineMismatchError", "TrtEngine", "check_compatible", "open_trt_engines", "share_scratch"]

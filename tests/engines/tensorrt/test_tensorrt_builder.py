@@ -86,3 +86,17 @@ def test_unparsable_graph_names_the_file(rtx, tmp_path):
     sub = {"inputs": [{"name": "input_ids", "shape": ["batch", "tokens"], "dtype": "int64"}]}
     with pytest.raises(EngineBuildError, match="cannot parse .*broken.onnx"):
         build_engine(rtx, bad, sub, settings_for("tensorrt-rtx", "float32", max_positions=256), "float32")
+
+
+def test_build_command_exports_at_the_preset_precision_then_builds(rtx, tmp_path, capsys):
+    from dlexport.cli import main
+
+    out = tmp_path / "engines"
+    assert main(["build", "--model", "tiny-llama", "--random-weights", "--backend", "tensorrt-rtx", "--out", str(out),
+                 "--max-context", "64", "--quiet", "--no-validate"]) == 0
+    assert "backend: tensorrt-rtx (tensorrt-rtx was asked for)" in capsys.readouterr().out
+    export_manifest = json.loads((tmp_path / "engines-export" / "manifest.json").read_text())
+    data = json.loads((out / "engines.json").read_text())
+    assert export_manifest["dtype"] == data["precision"] == "float16"  # the `rtx` preset's precision
+    assert list(data["engines"]) == ["embed", "layer_00", "layer_01", "layer_02", "layer_03", "head"]
+    assert data["settings"]["limits"]["max_context"] == 64 and data["settings"]["target"] == "rtx"

@@ -143,3 +143,92 @@ def test_engines_match_onnx_runtime_on_the_gpu(rtx_folder, tiny_llama_export):
     plan = Plan.skip(tiny_llama_export, [0, 2])
     expected = Runtime.load(tiny_llama_export.folder).generate([[1, 5, 7]], 8, plan).tokens
     assert Runtime.load(rtx_folder, device="cuda").generate([[1, 5, 7]], 8, plan).tokens == expected
+
+
+class _FakeContext:
+    """Records what the runner asks of an execution context (the TensorRT 10 calls it makes)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def set_device_memory(self, ptr, size):
+        self.calls.append(("memory", ptr, size))
+
+    def set_optimization_profile_async(self, index, stream):
+        self.calls.append(("profile", index))
+
+    def set_input_shape(self, name, shape):
+        self.calls.append(("shape", name, tuple(shape)))
+
+    def set_tensor_address(self, name, ptr):
+        self.calls.append(("address", name, ptr))
+
+    def execute_async_v3(self, stream):
+        self.calls.append(("execute",))
+        return True
+
+
+class _FakeEngine:
+    def __init__(self, trt, tensors: dict, scratch: int):
+        self.trt, self.tensors, self.device_memory_size_v2 = trt, tensors, scratch
+        self.num_io_tensors = len(tensors)
+        self.context = _FakeContext()
+        self.strategy = None
+
+    def get_tensor_name(self, i):
+        return list(self.tensors)[i]
+
+    def get_tensor_dtype(self, name):
+        return self.tensors[name]
+
+    def create_runtime_config(self):
+        engine = self
+
+        class Config:
+            def set_execution_context_allocation_strategy(self, strategy):
+                engine.strategy = strategy
+
+        return Config()
+
+    def create_execution_context(self, config):
+        return self.context
+
+
+def test_runner_binds_shapes_addresses_profiles_and_one_shared_scratch(rtx, monkeypatch):
+    """The runner's bookkeeping against a recording stand-in for TensorRT's engine (real execution needs a GPU)."""
+    from dlexport.engines.tensorrt.config import ShapeLimits, profiles_for
+    from dlexport.engines.tensorrt.runner import TrtEngine, share_scratch
+    from dlexport.exporter.architectures import TensorSpec
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 7})())
+    trt = rtx.trt
+    inputs = [TensorSpec("hidden_states", ("batch", "tokens", 8), "float32"),
+              TensorSpec("past_key_values.0.key", ("batch", 2, "past", 4), "float32")]
+    outputs = [TensorSpec("present.0.key", ("batch", 2, "tokens", 4), "float32")]
+    profiles = profiles_for([s.to_json() for s in inputs], ShapeLimits(2, 16, 32, 4))
+    tensors = {"hidden_states": trt.DataType.FLOAT, "past_key_values.0.key": trt.DataType.FLOAT,
+               "present.0.key": trt.DataType.FLOAT}
+    small, large = _FakeEngine(trt, tensors, 1000), _FakeEngine(trt, tensors, 5000)
+    cpu = torch.device("cpu")
+    engines = [TrtEngine(f"layer_0{i}", e, inputs, outputs, profiles, rtx, cpu) for i, e in enumerate((small, large))]
+    assert small.strategy == trt.ExecutionContextAllocationStrategy.USER_MANAGED
+    scratch = share_scratch(engines, cpu)
+    assert scratch.numel() == 5000
+    assert small.context.calls == large.context.calls == [("memory", scratch.data_ptr(), 5000)]
+
+    engine, ctx = engines[0], small.context
+    ctx.calls.clear()
+    hidden, cache = torch.randn(1, 5, 8), torch.zeros(1, 2, 20, 4)
+    out = engine.run({"hidden_states": hidden, "past_key_values.0.key": cache})
+    assert out["present.0.key"].shape == (1, 2, 5, 4)
+    assert ctx.calls == [("profile", 0), ("shape", "hidden_states", (1, 5, 8)),
+                         ("address", "hidden_states", hidden.data_ptr()),
+                         ("shape", "past_key_values.0.key", (1, 2, 20, 4)),
+                         ("address", "past_key_values.0.key", cache.data_ptr()),
+                         ("address", "present.0.key", out["present.0.key"].data_ptr()), ("execute",)]
+    ctx.calls.clear()
+    engine.run({"hidden_states": torch.randn(1, 1, 8), "past_key_values.0.key": cache})  # one new token: decode
+    assert ctx.calls[0] == ("profile", 1)
+    ctx.calls.clear()
+    engine.run({"hidden_states": torch.randn(1, 1, 8), "past_key_values.0.key": cache})
+    assert ("profile", 1) not in ctx.calls  # unchanged profile is not set again
