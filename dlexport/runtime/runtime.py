@@ -21,7 +21,7 @@ from ..engines.base import TORCH_DTYPES, Engine
 from ..manifest import Manifest
 from .exits import exit_score
 from .kv_cache import KVCache
-from .plan import Plan
+from .plan import Plan, load_plan
 from .sampling import Sampling, pick
 
 
@@ -93,6 +93,7 @@ class Runtime:
             self.pad_id = self.eos[0] if self.eos else 0
         self.profile = False
         self._timings: dict[str, float] = {}
+        self.default_plan: Plan | None = None  # an engine folder built for a plan runs that plan by default
 
     @classmethod
     def load(cls, path: Path | str, *, backend: str = "onnxruntime", device: str = "cpu",
@@ -110,7 +111,11 @@ class Runtime:
 
             tokenizer = AutoTokenizer.from_pretrained(tdir)
             tokenizer.padding_side = "left"
-        return cls(manifest, engines, tokenizer)
+        runtime = cls(manifest, engines, tokenizer)
+        built_for = Path(path) / "plan.json"
+        if (Path(path) / "engines.json").exists() and built_for.exists():
+            runtime.default_plan = load_plan(built_for, manifest)
+        return runtime
 
     # -- public API ---------------------------------------------------------------------------------------------
     def generate(self, prompts, max_new_tokens: int = 32, plan: Plan | None = None, *,
@@ -129,7 +134,7 @@ class Runtime:
                sampling: Sampling = Sampling(), stop_tokens=None, profile: bool = False, strategy: str = "plain",
                **options) -> Iterator["StreamEvent"]:
         """Yield one event per generated token; the last event carries the whole ``Generation``."""
-        plan = plan or Plan.full(self.manifest)
+        plan = plan or self.default_plan or Plan.full(self.manifest)
         plan.check_model(self.manifest)
         missing = [i for i in plan.layers if self.layer_keys[i] not in self.engines]
         if missing:

@@ -145,6 +145,7 @@ def test_build_command_with_onnxruntime_then_generation_matches_the_export(tiny_
     runtime = Runtime.load(out)
     assert sorted(runtime.engines) == sorted(data["engines"])
     assert runtime.generate(prompts, 10, load_plan(out / "plan.json", runtime.manifest)).tokens == expected
+    assert runtime.generate(prompts, 10).tokens == expected  # the folder's own plan is the default
 
     capsys.readouterr()
     assert main(args) == 0  # the export and every engine are reused
