@@ -95,17 +95,28 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+HELD_OUT = "evaluation"
+
+
+def _held_out(chunk: list[int]) -> bool:
+    """A quarter of all sequences are held out, chosen by a hash of their tokens (not by the sizes asked for)."""
+    return hashlib.sha256(repr(chunk).encode()).digest()[0] % 4 == 0
+
+
 def load_splits(tokenizer, sizes: dict[str, int], seq_len: int = 128, sources=None, seed: int = 0,
                 tokenizer_name: str = "") -> Splits:
     """Deal ``sizes[name]`` sequences of ``seq_len`` tokens into each split, from ``sources`` (files or folders).
 
-    Reads files in sorted order only until there is enough text, so a machine with lots of docs stays fast.
+    The ``evaluation`` split only ever draws from held-out sequences and every other split only from the rest,
+    so no command (calibrate, calibrate-exit, analyze, whatever sizes they ask for) fits on text another one
+    evaluates on; each split depends only on the files and its own pool's size. Files are read in sorted order
+    only until both pools are full, so a machine with lots of docs stays fast.
     """
     sources = list(sources or DEFAULT_SOURCES)
-    need = sum(sizes.values())
-    chunks, seen, used = [], set(), 0
+    need = {True: sizes.get(HELD_OUT, 0), False: sum(v for k, v in sizes.items() if k != HELD_OUT)}
+    pools, seen, used = {True: [], False: []}, set(), 0
     for path in _candidate_files(sources):
-        if len(chunks) >= 2 * need:  # twice what is needed, so the shuffle mixes documents
+        if all(len(pools[h]) >= 2 * need[h] for h in pools):  # twice what is needed, so shuffles mix documents
             break
         text = _read_prose(path)
         if text is None:
@@ -115,18 +126,24 @@ def load_splits(tokenizer, sizes: dict[str, int], seq_len: int = 128, sources=No
             continue
         seen.add(key)
         ids = _encode(tokenizer, text)
-        chunks += [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
+        for i in range(0, len(ids) - seq_len + 1, seq_len):
+            chunk = ids[i:i + seq_len]
+            pools[_held_out(chunk)].append(chunk)
         used += 1
-    if len(chunks) < need:
+    if any(len(pools[h]) < need[h] for h in pools):
         raise NotEnoughTextError(
-            f"calibration needs {need} sequences of {seq_len} tokens ({need * seq_len} tokens: "
+            f"calibration needs {sum(need.values())} sequences of {seq_len} tokens ("
             + ", ".join(f"{k} {v}" for k, v in sizes.items())
-            + f") but {', '.join(map(str, sources))} gave {len(chunks)} ({used} readable prose files): pass more "
-            "text with --data FILE_OR_FOLDER, or ask for less (--calib-seqs, --eval-seqs, --seq-len)")
-    random.Random(seed).shuffle(chunks)
-    splits, start = {}, 0
+            + f"; a quarter of the text is set aside for evaluation) but {', '.join(map(str, sources))} gave "
+            f"{len(pools[False])} for fitting and {len(pools[True])} held out ({used} readable prose files): pass "
+            "more text with --data FILE_OR_FOLDER, or ask for less (--calib-seqs, --eval-seqs, --seq-len)")
+    for h in pools:
+        pools[h] = pools[h][: 2 * need[h]]
+        random.Random(seed).shuffle(pools[h])
+    splits, start = {}, {True: 0, False: 0}
     for name, n in sizes.items():
-        splits[name] = torch.tensor(chunks[start:start + n], dtype=torch.int64)
-        start += n
+        h = name == HELD_OUT
+        splits[name] = torch.tensor(pools[h][start[h]:start[h] + n], dtype=torch.int64).reshape(n, seq_len)
+        start[h] += n
     digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in splits.values())).hexdigest()[:16]
     return Splits(splits, seq_len, used, tokenizer_name, digest)

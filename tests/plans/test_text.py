@@ -1,6 +1,7 @@
 import gzip
 
 import pytest
+import torch
 
 from dlexport.plans.text import ByteTokenizer, NotEnoughTextError, load_splits
 
@@ -26,3 +27,13 @@ def test_splits_are_deterministic_disjoint_and_read_gzip(tmp_path):
 def test_machine_prose_is_enough_for_the_defaults():
     s = load_splits(ByteTokenizer(512), {"calibration": 8, "evaluation": 16}, 128)
     assert s.files >= 1 and s["evaluation"].shape == (16, 128)
+
+
+def test_no_command_fits_on_text_another_evaluates_on():
+    small = load_splits(ByteTokenizer(512), {"calibration": 8, "evaluation": 16}, 64)
+    large = load_splits(ByteTokenizer(512), {"calibration": 8, "evaluation": 16, "adapter": 64}, 64)
+    fitted = {tuple(r) for s in (small, large) for k in ("calibration", "adapter") if k in s.splits
+              for r in s[k].tolist()}
+    held = {tuple(r) for s in (small, large) for r in s["evaluation"].tolist()}
+    assert not fitted & held
+    assert torch.equal(small["evaluation"], large["evaluation"])
