@@ -173,8 +173,8 @@ def readme(out: Path) -> str:
                     lines.append(f"| {name} | {r['tokens_per_s']:.2f} | 1.00x | {r['mean_layers_per_token']:.1f} "
                                  "| | | | | |")
             lines.append("")
-    if (out / "depth.json").exists():
-        results = json.loads((out / "depth.json").read_text())
+    for path in sorted(out.glob("depth*.json")):
+        results = json.loads(path.read_text())
         d = results["depth"]["summary"]
         lines += [f"## Per-sequence depth, SmolLM2-135M ({d['prompts']} prompts x {d['new_tokens']} new tokens, "
                   "greedy)", "", f"`{results['command']}` ({results['created']})", "",
@@ -189,6 +189,7 @@ def readme(out: Path) -> str:
                 lines.append(f"| {key} | {r['mean_layers']:.2f} | {r['exact']:.2f} | {r['prefix_agreement']:.2f} | "
                              f"{r['token_agreement']:.2f} | {r['same_rung_as_oracle']:.2f} | "
                              f"{r['deeper_than_oracle']:.2f} | {r['mean_prefill_layer_passes']:.1f} |")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -206,6 +207,7 @@ def main() -> None:
     ap.add_argument("--depth-new-tokens", type=int, default=8)
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.9])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tag", default="", help="depth results go to depth-TAG.json (e.g. for other thresholds)")
     args = ap.parse_args()
 
     def log(*a):
@@ -243,7 +245,7 @@ def main() -> None:
         prompts = prose_prompts(args.depth_prompts, 32, smol.tokenizer)
         log(f"per-sequence depth on SmolLM2: {args.depth_prompts} prompts")
         section = dict(meta, depth=depth_section(smol, prompts, args.depth_new_tokens, args.thresholds, log))
-        (args.out / "depth.json").write_text(json.dumps(section, indent=1))
+        (args.out / f"depth{'-' + args.tag if args.tag else ''}.json").write_text(json.dumps(section, indent=1))
     (args.out / "README.md").write_text(readme(args.out))
     log((args.out / "README.md").read_text())
 
