@@ -13,7 +13,7 @@ import torch
 
 from ..manifest import Manifest
 from .architectures import architecture_for
-from .export import subgraphs
+from .onnx_export import subgraphs
 from .sources import LoadedModel
 
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}

@@ -82,7 +82,7 @@ def adapter_file(layer: int) -> str:
 
 def export_adapter(stack, adapter: ExitAdapter, layer: int, folder: Path, opset: int = 18) -> dict:
     """Write ``folder/adapters/exit_NN.onnx``; return its plan entry {layer, file, sha256}."""
-    from ..exporter.export import Subgraph, export_subgraph
+    from ..exporter.onnx_export import Subgraph, export_subgraph
 
     d = stack.hidden_size
     spec_in = TensorSpec("hidden_states", ("batch", "tokens", d), "float32")

@@ -20,7 +20,7 @@ from ..engines.base import TORCH_DTYPES
 from ..exporter.architectures import (TensorSpec, architecture_for, past_key_name, past_value_name,
                                       present_key_name, present_value_name)
 from ..exporter.architectures.base import BATCH, KEYS, PAST, TOKENS
-from ..exporter.export import DEFAULT_OPSET, Subgraph, example_inputs
+from ..exporter.onnx_export import DEFAULT_OPSET, Subgraph, example_inputs
 from ..files import read_json, write_json_atomic
 from ..manifest import Manifest
 from ..runtime.kv_cache import KVCache

@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 from dlexport.exporter import ExportDirError, export
-from dlexport.exporter import export as export_module
+from dlexport.exporter import onnx_export as export_module
 from dlexport.manifest import Manifest
 
 
@@ -91,6 +91,13 @@ def test_interrupted_export_resumes_from_finished_files(tmp_path, monkeypatch):
     (out / "layers" / "layer_01.onnx").write_bytes(b"corrupted")  # a damaged file is redone, not trusted
     export("tiny-opt", out, random_weights=True, progress=False, validate=False, log=lambda *a: None)
     assert calls == ["layer_01"]
+
+    calls.clear()
+    data = json.loads((out / "manifest.json").read_text())
+    data["subgraphs"]["layer_00"]["inputs"][0]["name"] = "hidden"  # as written by an older I/O contract
+    (out / "manifest.json").write_text(json.dumps(data))
+    export("tiny-opt", out, random_weights=True, progress=False, validate=False, log=lambda *a: None)
+    assert calls == ["layer_00"]
 
 
 def test_folder_holding_another_models_export_is_refused(tiny_opt_export, tmp_path):
