@@ -1,17 +1,13 @@
 """What a layer and a head check cost, for predicted speedups: measured (profile.json) or estimated from weights.
 
-profile.json belongs to `dlexport profile`; it is read defensively here (decode entries, per-engine median ms) and
-anything unexpected falls back to the estimate, with the reason kept in ``Costs.source``. The estimate counts
+profile.json is written and read by ``dlexport.tools.costs.CostTable``; when it is missing or unusable the costs
+fall back to the estimate, with the reason kept in ``Costs.source``. The estimate counts
 multiply-accumulates per decode token: a layer's weights versus the head's vocabulary projection.
 """
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
-
-_LAYER = re.compile(r"^layer_\d+$")
 
 
 @dataclass(frozen=True)
@@ -43,22 +39,18 @@ def estimated(stack) -> Costs:
     return Costs(1.0, head / layer, "layer", f"weights: {head:,} head vs {layer:,} per layer")
 
 
-def _from_profile(path: Path, num_layers: int) -> Costs:
-    data = json.loads(path.read_text())
-    entries = [e for e in data.get("entries", []) if isinstance(e, dict) and e.get("phase") == "decode"]
-    if not entries:
-        raise ValueError("no decode entries")
-    contexts = sorted({e.get("context") for e in entries if isinstance(e.get("context"), (int, float))})
-    context = min(contexts, key=lambda c: abs(c - 256)) if contexts else None  # a typical prompt + reply
-    ms = {}
-    for e in entries:
-        if e.get("context") == context and isinstance(e.get("median_ms"), (int, float)):
-            ms[str(e.get("engine"))] = float(e["median_ms"])
-    layers = [v for k, v in ms.items() if _LAYER.match(k)]
-    if "head" not in ms or not layers:
-        raise ValueError("no head or layer entries")
-    return Costs(sum(layers) / len(layers), ms["head"], "ms",
-                 f"{path} (decode, context {context}, median of {len(layers)}/{num_layers} layers)")
+def _from_profile(path: Path, num_layers: int, context: int = 256) -> Costs:
+    """Mean decode cost of the profiled layers and of the head, at ``context`` (a typical prompt + reply)."""
+    from ..tools.costs import CostTable
+
+    table = CostTable.load(path)
+    layers = [e["engine"] for e in table.entries if e["phase"] == "decode" and e["engine"].startswith("layer_")]
+    layers = list(dict.fromkeys(layers))
+    if not layers:
+        raise ValueError("no decode entries for layer engines")
+    layer_ms = sum(table.cost(name, "decode", context) for name in layers) / len(layers)
+    return Costs(layer_ms, table.cost("head", "decode", context), "ms",
+                 f"{path} (decode, context {context}, mean of {len(layers)}/{num_layers} layers)")
 
 
 def costs_for(folder, stack, profile: Path | None = None) -> tuple[Costs, str]:
@@ -68,5 +60,5 @@ def costs_for(folder, stack, profile: Path | None = None) -> tuple[Costs, str]:
         return estimated(stack), "no profile.json: costs estimated from weights"
     try:
         return _from_profile(path, stack.num_layers), ""
-    except (ValueError, OSError, TypeError, AttributeError) as e:
+    except (ValueError, OSError, KeyError) as e:
         return estimated(stack), f"{path} unreadable as a cost table ({e}): costs estimated from weights"
