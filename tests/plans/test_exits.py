@@ -3,7 +3,7 @@ import torch
 
 from dlexport.plans.calibrate import calibrate_exit
 from dlexport.plans.costs import Costs
-from dlexport.plans.exits import Signals, collect_signals, scores, simulate
+from dlexport.plans.exits import collect_signals, scores, simulate
 from dlexport.plans.stack import Stack
 from dlexport.runtime import Runtime, load_plan
 from dlexport.runtime.exits import exit_score

@@ -4,7 +4,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-import torch
 
 from dlexport.exporter.validate import hf_greedy
 from dlexport.runtime import Plan, PlanError, PromptTooLongError, Runtime, Sampling
@@ -151,7 +150,8 @@ def test_smollm2_exit_policy_matches_reference(smollm2_runtime, smollm2_model, s
     assert any(e is not None for e in ref_exits)
 
 
-def test_smollm2_text_generation(smollm2_runtime):
-    out = smollm2_runtime.generate(["What is the capital of France?", TEXT], 8)
-    assert len(out.texts) == 2 and all(isinstance(t, str) and t for t in out.texts)
-    assert torch.tensor(out.tokens[0]).numel() > 0
+def test_smollm2_left_padded_batch_equals_each_prompt_alone(smollm2_runtime):
+    prompts = [TEXT, "Once upon a time, in a small village,"]
+    batch = smollm2_runtime.generate(prompts, 8, stop_tokens=[])
+    assert batch.tokens == [smollm2_runtime.generate([p], 8, stop_tokens=[]).tokens[0] for p in prompts]
+    assert all(text.strip() for text in batch.texts)
