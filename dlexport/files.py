@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -16,20 +17,37 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: Path, data) -> None:
-    """Write to a temporary file in the same folder, then rename: a reader never sees half a file."""
+def is_whole(path: Path, size: int, sha256: str) -> bool:
+    """The file exists with the recorded size and hash (size first: it rules out most damage without reading)."""
+    path = Path(path)
+    return path.exists() and path.stat().st_size == size and sha256_file(path) == sha256
+
+
+@contextmanager
+def atomic_path(path: Path, suffix: str = ".partial"):
+    """A temporary path in ``path``'s folder, renamed to ``path`` when the block succeeds and removed when it fails.
+
+    A reader never sees half a file under the final name, and an interrupted writer leaves nothing that looks whole.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
+        yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; give it a normal file's mode
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json_atomic(path: Path, data) -> None:
+    write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def _umask() -> int:

@@ -7,19 +7,16 @@ so an interrupted build resumes and a changed setting rebuilds. The folder layou
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from ..files import Journal, read_json, sha256_file, write_json_atomic
+from ..files import Journal, atomic_path, is_whole, read_json, sha256_file, write_bytes_atomic, write_json_atomic
 from ..manifest import Manifest
 from .base import BackendUnavailableError
 from .folder import ENGINES_JSON, FORMAT, FORMAT_VERSION, PLAN_FILE, TIMING_CACHE, TOKENIZER
 
 BUILD_BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "onnxruntime")
 JOURNAL = ".build-progress.json"
-_READABLE = 0o644
 _DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "float32": "float32", "float16": "float16",
           "bfloat16": "bfloat16"}
 
@@ -56,24 +53,10 @@ def source_digest(files: list[dict]) -> str:
     return hashlib.sha256("".join(f["sha256"] for f in files).encode()).hexdigest()
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, _READABLE)  # mkstemp makes owner-only files; engines are read by whoever serves the model
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _still_whole(out: Path, entry: dict | None, source: str) -> bool:
     if not entry or entry.get("source_sha256") != source:
         return False
-    path = out / entry["file"]
-    return path.exists() and path.stat().st_size == entry["size"] and sha256_file(path) == entry["sha256"]
+    return is_whole(out / entry["file"], entry["size"], entry["sha256"])
 
 
 def _subgraph_names(manifest: Manifest, plan) -> list[str]:
@@ -151,16 +134,9 @@ class _OrtBackend:
         from .onnxruntime import OrtConfig
         from .onnxruntime.loader import create_session
 
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial.onnx")
-        os.close(fd)
-        try:
+        with atomic_path(dest, suffix=".partial.onnx") as tmp:
             create_session(self.manifest.path(name), OrtConfig(provider=self.provider, opt_level="all",
-                                                               optimized_model_path=tmp))
-            os.chmod(tmp, _READABLE)
-            os.replace(tmp, dest)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+                                                               optimized_model_path=str(tmp)))
         return {"profiles": [], "metadata": {"flavour": "onnxruntime", "version": self.version,
                                              "precision": self.manifest.dtype, **self.settings_json()}}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..files import Journal, sha256_file
+from ..files import Journal, is_whole, sha256_file
 from ..manifest import FORMAT, FORMAT_VERSION, MANIFEST, Manifest, layer_name, model_fingerprint
 from .architectures import Architecture, TensorSpec, architecture_for
 from .sources import LoadedModel, load_model
@@ -111,12 +111,7 @@ def _files_of(folder: Path, rel: str) -> list[dict]:
 
 
 def _still_whole(folder: Path, facts) -> bool:
-    return bool(facts) and all(
-        (folder / f["path"]).exists()
-        and (folder / f["path"]).stat().st_size == f["size"]
-        and sha256_file(folder / f["path"]) == f["sha256"]
-        for f in facts
-    )
+    return bool(facts) and all(is_whole(folder / f["path"], f["size"], f["sha256"]) for f in facts)
 
 
 def _check_out_dir(out: Path, identity: dict, overwrite: bool) -> dict:
