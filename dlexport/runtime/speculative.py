@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .plan import Draft, Plan, PlanError
-from .runtime import StepStats, StreamEvent, _Segment
+from .runtime import StepStats, StreamEvent, _clone, _Segment
 from .sampling import Sampling, pick, probabilities
 
 
@@ -293,10 +293,6 @@ def _draft(req: Request, spec: Speculator, k: int):
             qs.append(probabilities(logits, req.sampling))
             tokens.append(torch.multinomial(qs[-1], 1, generator=req.generator))
     return kept, torch.cat(tokens, dim=1), torch.stack(qs, dim=1) if qs else None
-
-
-def _clone(t):
-    return None if t is None else t.clone()
 
 
 def generate_speculative(runtime, ids, valid, max_new_tokens: int, plan: Plan, sampling: Sampling, stops,
