@@ -21,7 +21,8 @@ import time
 import torch
 
 from .plan import Plan, PlanError
-from .speculative import Request, decode
+from .runtime import Request
+from .speculative import decode
 
 CONTROLLERS = ("fixed", "prompt", "oracle")
 DEFAULT_DROPS = (0.4, 0.25, 0.15, 0.07)

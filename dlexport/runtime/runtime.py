@@ -263,45 +263,22 @@ class Runtime:
         return logits, StepStats(ran, exit_layer)
 
     def _generate(self, ids, valid, max_new_tokens, plan, sampling, stops, profile) -> Iterator["StreamEvent"]:
-        batch, prompt_len = ids.shape
-        capacity = self._check_length(prompt_len, max_new_tokens)
         self.profile, self._timings = profile, {}
-        dev = self.device
-        ids, valid = ids.to(dev), valid.to(dev)
-        cache = self.new_cache(plan.layers, batch, capacity)
-        cache.valid[:, :prompt_len] = valid
-        cache.valid[:, prompt_len:] = True
-        pad = (~valid).sum(1, keepdim=True)  # left padding per row: position = slot - pad
-        gen = sampling.generator(dev)
+        req = Request(self, ids, valid, plan, sampling, stops, max_new_tokens)
         pending: list[_Segment] = []
-        out_tokens = torch.zeros(batch, max_new_tokens, dtype=torch.int64, device=dev)
-        done = torch.zeros(batch, dtype=torch.bool, device=dev)
-        stop_ids = torch.tensor(sorted(stops), dtype=torch.int64, device=dev) if stops else None
-        steps: list[StepStats] = []
-
         t0 = time.perf_counter()
-        positions = (torch.arange(prompt_len, device=dev)[None] - pad).clamp_(min=0)
-        logits, stats = self._step(ids, positions, plan.layers, cache, pending, None)  # prefill: full plan
+        logits, stats = req.prefill(), StepStats(len(plan.layers), None)  # the prompt runs the whole plan
         prefill_s = time.perf_counter() - t0
-        slot = prompt_len
-        n = 0
-        for n in range(1, max_new_tokens + 1):
-            token = pick(logits, sampling, gen)
-            token = torch.where(done, torch.full_like(token, self.pad_id), token)
-            out_tokens[:, n - 1] = token
-            steps.append(stats)
-            if stop_ids is not None:
-                done |= torch.isin(token, stop_ids)
-            finished = n == max_new_tokens or bool(done.all())
-            yield StreamEvent(n, token.tolist(), stats, None)
-            if finished:
+        while True:
+            yield from req.emit(pick(logits, sampling, req.generator)[:, None], stats)
+            if req.finished:
                 break
-            positions = (slot - pad).clamp(min=0)
-            logits, stats = self._step(token[:, None], positions, plan.layers, cache, pending, plan.exit)
-            slot += 1
+            logits, stats = self._step(req.last_tokens(), req.positions(req.slot), plan.layers, req.cache, pending,
+                                       plan.exit)
+            req.slot += 1
         total_s = time.perf_counter() - t0
-        result = self._result(ids, valid, out_tokens[:, :n], stops, steps, prefill_s, total_s, plan)
-        yield StreamEvent(n, [], None, result)
+        result = self._result(req.ids, req.valid, req.out[:, :req.n], stops, req.steps, prefill_s, total_s, plan)
+        yield StreamEvent(req.n, [], None, result)
 
     def _result(self, ids, valid, out_tokens, stops, steps, prefill_s, total_s, plan) -> Generation:
         prompt_rows = [r[v].tolist() for r, v in zip(ids.cpu(), valid.cpu())]
@@ -320,6 +297,66 @@ class StreamEvent:
     tokens: list[int]  # the new token of each row
     stats: StepStats | None
     result: Generation | None
+
+
+@dataclass
+class Request:
+    """The state of one generation request: cache, emitted tokens, stop bookkeeping (every strategy shares it)."""
+
+    runtime: object
+    ids: torch.Tensor
+    valid: torch.Tensor
+    plan: Plan
+    sampling: Sampling
+    stops: set
+    max_new_tokens: int
+    steps: list = field(default_factory=list)
+    n: int = 0  # tokens emitted
+
+    def __post_init__(self):
+        rt, dev = self.runtime, self.runtime.device
+        self.ids, self.valid = self.ids.to(dev), self.valid.to(dev)
+        self.batch, prompt_len = self.ids.shape
+        capacity = rt._check_length(prompt_len, self.max_new_tokens)
+        self.cache = rt.new_cache(self.plan.layers, self.batch, capacity)
+        self.cache.valid[:, :prompt_len] = self.valid
+        self.cache.valid[:, prompt_len:] = True
+        self.pad = (~self.valid).sum(1, keepdim=True)
+        self.slot = prompt_len  # slot of the last emitted token, which no layer has run yet
+        self.generator = self.sampling.generator(dev)
+        self.out = torch.zeros(self.batch, self.max_new_tokens, dtype=torch.int64, device=dev)
+        self.done = torch.zeros(self.batch, dtype=torch.bool, device=dev)
+        self.stop_ids = torch.tensor(sorted(self.stops), dtype=torch.int64, device=dev) if self.stops else None
+
+    def positions(self, slot: int, tokens: int = 1) -> torch.Tensor:
+        return (torch.arange(slot, slot + tokens, device=self.runtime.device)[None] - self.pad).clamp_(min=0)
+
+    def prefill(self) -> torch.Tensor:
+        """Run the prompt through the plan; return the last position's logits."""
+        logits, _ = self.runtime._step(self.ids, self.positions(0, self.ids.shape[1]), self.plan.layers, self.cache,
+                                       None, None)
+        return logits
+
+    def emit(self, tokens: torch.Tensor, stats: StepStats):
+        """Record emitted tokens [B, n] in order; yield one event each; stop at the budget or when every row stopped."""
+        for i in range(tokens.shape[1]):
+            token = torch.where(self.done, torch.full_like(tokens[:, i], self.runtime.pad_id), tokens[:, i])
+            self.out[:, self.n] = token
+            self.n += 1
+            self.steps.append(stats)
+            if self.stop_ids is not None:
+                self.done |= torch.isin(token, self.stop_ids)
+            yield StreamEvent(self.n, token.tolist(), stats, None)
+            if self.finished:
+                return
+
+    @property
+    def finished(self) -> bool:
+        return self.n >= self.max_new_tokens or bool(self.done.all())
+
+    def last_tokens(self) -> torch.Tensor:
+        return self.out[:, self.n - 1:self.n]
+
 
 
 def _strategy(name: str, options: dict):

@@ -24,12 +24,12 @@ Early exit is not combined with speculation: the plan's exit policy only lends i
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .plan import Draft, Plan, PlanError
-from .runtime import StepStats, StreamEvent, _clone, _Segment
+from .runtime import Request, StepStats, StreamEvent, _clone, _Segment
 from .sampling import Sampling, pick, probabilities
 
 
@@ -171,74 +171,15 @@ class Speculator:
 
 
 # -- decoding ---------------------------------------------------------------------------------------------------
-@dataclass
-class Request:
-    """The state of one generation request: cache, emitted tokens, stop bookkeeping."""
-
-    runtime: object
-    ids: torch.Tensor
-    valid: torch.Tensor
-    plan: Plan
-    sampling: Sampling
-    stops: set
-    max_new_tokens: int
-    steps: list = field(default_factory=list)
-    n: int = 0  # tokens emitted
-
-    def __post_init__(self):
-        rt, dev = self.runtime, self.runtime.device
-        self.ids, self.valid = self.ids.to(dev), self.valid.to(dev)
-        self.batch, prompt_len = self.ids.shape
-        capacity = rt._check_length(prompt_len, self.max_new_tokens)
-        self.cache = rt.new_cache(self.plan.layers, self.batch, capacity)
-        self.cache.valid[:, :prompt_len] = self.valid
-        self.cache.valid[:, prompt_len:] = True
-        self.pad = (~self.valid).sum(1, keepdim=True)
-        self.slot = prompt_len  # slot of the last emitted token, which no layer has run yet
-        self.generator = self.sampling.generator(dev)
-        self.out = torch.zeros(self.batch, self.max_new_tokens, dtype=torch.int64, device=dev)
-        self.done = torch.zeros(self.batch, dtype=torch.bool, device=dev)
-        self.stop_ids = torch.tensor(sorted(self.stops), dtype=torch.int64, device=dev) if self.stops else None
-
-    def positions(self, slot: int, tokens: int = 1) -> torch.Tensor:
-        return (torch.arange(slot, slot + tokens, device=self.runtime.device)[None] - self.pad).clamp_(min=0)
-
-    def prefill(self) -> torch.Tensor:
-        """Run the prompt through the plan; return the last position's logits."""
-        logits, _ = self.runtime._step(self.ids, self.positions(0, self.ids.shape[1]), self.plan.layers, self.cache,
-                                       None, None)
-        return logits
-
-    def emit(self, tokens: torch.Tensor, layers_per_token: float):
-        """Record emitted tokens [B, n] in order; yield one event each; stop at the budget or when every row stopped."""
-        for i in range(tokens.shape[1]):
-            token = torch.where(self.done, torch.full_like(tokens[:, i], self.runtime.pad_id), tokens[:, i])
-            self.out[:, self.n] = token
-            self.n += 1
-            stats = StepStats(layers_per_token, None)
-            self.steps.append(stats)
-            if self.stop_ids is not None:
-                self.done |= torch.isin(token, self.stop_ids)
-            yield StreamEvent(self.n, token.tolist(), stats, None)
-            if self.finished:
-                return
-
-    @property
-    def finished(self) -> bool:
-        return self.n >= self.max_new_tokens or bool(self.done.all())
-
-    def last_tokens(self) -> torch.Tensor:
-        return self.out[:, self.n - 1:self.n]
-
-
 def decode(req: Request, first_logits: torch.Tensor, spec: Speculator | None, t0: float, prefill_s: float, extra):
     """Emit tokens until done: speculative rounds, or plain steps when ``spec`` is None or switched off."""
     rt = req.runtime
-    yield from req.emit(pick(first_logits, req.sampling, req.generator)[:, None], len(req.plan.layers))
+    yield from req.emit(pick(first_logits, req.sampling, req.generator)[:, None],
+                        StepStats(len(req.plan.layers), None))
     while not req.finished:
         k = spec.next_k(req.max_new_tokens - req.n) if spec else 0
         tokens, layers = _round(req, spec, k)
-        yield from req.emit(tokens, layers / tokens.shape[1])
+        yield from req.emit(tokens, StepStats(layers / tokens.shape[1], None))
     total_s = time.perf_counter() - t0
     result = rt._result(req.ids, req.valid, req.out[:, :req.n], req.stops, req.steps, prefill_s, total_s, req.plan)
     result.extra.update(extra() if callable(extra) else extra)
