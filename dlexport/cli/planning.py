@@ -11,17 +11,15 @@ def _text_args(p, calib=8, evals=16) -> None:
     p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence")
     p.add_argument("--calib-seqs", type=int, default=calib, help="sequences in the calibration split")
     p.add_argument("--eval-seqs", type=int, default=evals, help="sequences in the held-out split")
-    p.add_argument("--threads", type=int, help="PyTorch threads (default: PyTorch's choice)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: every core this process may use; see engines/threads.py)")
     p.add_argument("--no-progress", action="store_true")
 
 
 def _text(args):
-    import torch
-
+    from ..engines.threads import use_threads
     from ..plans.calibrate import TextConfig
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     return TextConfig(args.seq_len, args.calib_seqs, args.eval_seqs, tuple(args.data))
 
 

@@ -21,9 +21,11 @@ def _command(args) -> str:
     words = ["dlexport", "bench", str(args.dir)]
     for plan in args.plan:
         words += ["--plan", str(plan)]
-    for key in ("baseline", "prompt_tokens", "new_tokens", "repeats", "prompts", "threads", "device", "profile",
-                "mono_dir", "out"):
+    for key in ("baseline", "prompt_tokens", "new_tokens", "repeats", "prompts", "threads", "threads_sweep", "device",
+                "profile", "mono_dir", "out"):
         value = getattr(args, key)
+        if key == "baseline" and args.threads_sweep:
+            continue  # the sweep runs the full model and the plans only
         if value is not None:
             words += ["--" + key.replace("_", "-"), str(value)]
     return shlex.join(words)
@@ -40,7 +42,7 @@ def register(sub) -> None:
                    help="builtin: dlexport's engine interface (any backend); trtexec: TensorRT engines via trtexec")
     p.add_argument("--contexts", default="128,512,1024", help="comma-separated context lengths (tokens)")
     p.add_argument("--device", default="cpu", help="cpu, cuda[:N], or tensorrt")
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads (builtin; default 1 for reproducibility)")
+    p.add_argument("--threads", type=int, help="builtin: CPU threads (default: every core this process may use; see engines/threads.py)")
     p.add_argument("--cuda-graph", action="store_true", help="trtexec: time with CUDA graphs (off by default)")
     p.add_argument("--out", type=Path, help="where to write profile.json (default DIR/profile.json)")
     p.set_defaults(func=_profile)
@@ -54,7 +56,9 @@ def register(sub) -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (each runs every entry once)")
     p.add_argument("--prompts", type=int, default=3, help="distinct prose prompts, used round-robin")
-    p.add_argument("--threads", type=int, default=1, help="threads for every entry (default 1 for reproducibility)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: every core this process may use; see engines/threads.py)")
+    p.add_argument("--threads-sweep", help="comma-separated thread counts (e.g. 1,2,4): tokens/s of the full model "
+                   "and each plan per count, one worker process per count, interleaved; writes sweep.json/md/png")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--profile", type=Path, help="profile.json to predict each run's cost from (default "
                                                  "DIR/profile.json when present)")
@@ -80,6 +84,9 @@ def _profile(args) -> int:
 
 def _bench(args) -> int:
     from ..runtime import load_plan
+
+    if args.threads_sweep:
+        return _sweep(args)
     from ..tools.bench import folder_manifest, run_bench
     from ..tools.costs import CostTable
     from ..tools.report import markdown, write_outputs
@@ -96,4 +103,26 @@ def _bench(args) -> int:
     paths = write_outputs(result, args.out, table, manifest)
     print(markdown(result))
     print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+    return 0
+
+
+def _sweep(args) -> int:
+    from ..files import write_json_atomic
+    from ..runtime import load_plan
+    from ..tools.bench import folder_manifest
+    from ..tools.sweep import markdown, plot, run_sweep
+
+    if args.threads is not None:
+        raise ValueError("--threads and --threads-sweep exclude each other: the sweep sets the threads of each run")
+    manifest = folder_manifest(args.dir)
+    plans = [load_plan(p, manifest) for p in args.plan]
+    sweep = run_sweep(args.dir, _ints(args.threads_sweep), plans, prompt_tokens=args.prompt_tokens,
+                      new_tokens=args.new_tokens, repeats=args.repeats, prompt_count=args.prompts,
+                      device=args.device, command=_command(args), log=_err)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.out / "sweep.json", sweep)
+    (args.out / "sweep.md").write_text(markdown(sweep))
+    plot(sweep, args.out / "sweep.png")
+    print(markdown(sweep))
+    print(f"wrote {args.out}/sweep.json, sweep.md, sweep.png", file=sys.stderr)
     return 0

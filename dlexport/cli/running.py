@@ -17,7 +17,7 @@ def register(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="cpu", help="cpu, cuda[:N], or tensorrt (ONNX Runtime's TensorRT provider)")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=int, help="CPU threads (default: every core this process may use; see engines/threads.py)")
     p.add_argument("--profile", action="store_true", help="time every subgraph call (synchronised)")
     p.add_argument("--strategy", choices=("plain", "speculative", "per-sequence"), default="plain",
                    help="speculative: draft with some layers, verify with the plan; per-sequence: one ladder rung "

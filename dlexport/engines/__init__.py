@@ -6,6 +6,7 @@ from pathlib import Path
 from ..exporter.architectures import TensorSpec
 from ..manifest import MANIFEST, Manifest
 from .base import BackendUnavailableError, Engine
+from .threads import use_threads
 
 BACKENDS = ("onnxruntime", "tensorrt", "tensorrt-rtx")
 
@@ -22,9 +23,13 @@ def _ort_provider(device: str) -> str:
 
 def open_engines(folder: Path, *, backend: str = "onnxruntime", device: str = "cpu", threads: int | None = None,
                  layers=None, opt_level: str = "all") -> tuple[Manifest, dict[str, Engine]]:
-    """Open the embedding, head and (the requested) layer engines of an export or engine folder."""
+    """Open the embedding, head and (the requested) layer engines of an export or engine folder.
+
+    ``threads``: CPU threads for this process (engines/threads.py); None = the default for this machine.
+    """
     from .onnxruntime import OrtConfig, OrtEngine
 
+    threads = use_threads(threads)
     folder = Path(folder)
     if (folder / "engines.json").exists():
         from .folder import open_engine_folder

@@ -18,6 +18,7 @@ import torch
 
 from ..engines import open_engines
 from ..engines.base import TORCH_DTYPES, Engine
+from ..engines.threads import resolve_threads
 from ..manifest import Manifest
 from .exits import exit_score
 from .kv_cache import KVCache
@@ -94,6 +95,7 @@ class Runtime:
         self.profile = False
         self._timings: dict[str, float] = {}
         self.default_plan: Plan | None = None  # an engine folder built for a plan runs that plan by default
+        self.threads: int | None = None  # CPU threads the engines were opened with (engines/threads.py)
 
     @classmethod
     def load(cls, path: Path | str, *, backend: str = "onnxruntime", device: str = "cpu",
@@ -102,6 +104,7 @@ class Runtime:
 
         ``layers`` restricts which layer engines are loaded (a plan's layers), to save memory on small devices.
         """
+        threads = resolve_threads(threads)
         manifest, engines = open_engines(Path(path), backend=backend, device=device, threads=threads,
                                          layers=layers, opt_level=opt_level)
         tokenizer = None
@@ -112,6 +115,7 @@ class Runtime:
             tokenizer = AutoTokenizer.from_pretrained(tdir)
             tokenizer.padding_side = "left"
         runtime = cls(manifest, engines, tokenizer)
+        runtime.threads = threads
         built_for = Path(path) / "plan.json"
         if (Path(path) / "engines.json").exists() and built_for.exists():
             runtime.default_plan = load_plan(built_for, manifest)
@@ -218,7 +222,7 @@ class Runtime:
 
             dims = ("batch", "tokens", self.manifest.arch["hidden_size"])
             config = OrtConfig(provider="cuda" if self.device.type == "cuda" else "cpu",
-                               device_id=self.device.index or 0)
+                               device_id=self.device.index or 0, threads=self.threads)
             self.engines[key] = OrtEngine(key, path, [TensorSpec("hidden_states", dims, "float32")],
                                           [TensorSpec("hidden_states_out", dims, "float32")], config)
         return self.engines[key]

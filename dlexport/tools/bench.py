@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..engines.threads import use_threads
 from ..manifest import Manifest
 from ..runtime import Plan, Runtime
 from .costs import CostTable
@@ -140,7 +141,7 @@ def _load_hf(manifest: Manifest, device: str):
 
 
 def build_runs(folder: Path | str, plans: list[Plan], baselines=BASELINES, *, device: str = "cpu",
-               threads: int | None = 1, mono_dir: Path | None = None, log=print) -> tuple[Runtime, dict[str, RunSpec]]:
+               threads: int | None = None, mono_dir: Path | None = None, log=print) -> tuple[Runtime, dict[str, RunSpec]]:
     """The named runs: each plan, the full model (always: it is the reference of every ratio), then baselines."""
     unknown = sorted(set(baselines) - set(BASELINES))
     if unknown:
@@ -266,7 +267,7 @@ def predictions(table: CostTable, layer_sets: dict[str, tuple[int, ...]], manife
 
 
 def run_bench(folder: Path | str, plans: list[Plan], *, baselines=BASELINES, prompt_tokens: int = 64,
-              new_tokens: int = 64, repeats: int = 5, prompt_count: int = 3, threads: int | None = 1,
+              new_tokens: int = 64, repeats: int = 5, prompt_count: int = 3, threads: int | None = None,
               device: str = "cpu", profile: Path | None = None, mono_dir: Path | None = None, warmup: int = 1,
               extra_runs: Callable[[Runtime], dict[str, RunSpec]] | None = None, command: str = "",
               log=print) -> BenchResult:
@@ -276,8 +277,7 @@ def run_bench(folder: Path | str, plans: list[Plan], *, baselines=BASELINES, pro
     """
     from .prompts import prose_prompts
 
-    if threads:
-        torch.set_num_threads(threads)
+    threads = use_threads(threads)
     runtime, runs = build_runs(folder, plans, baselines, device=device, threads=threads, mono_dir=mono_dir, log=log)
     for name, spec in (extra_runs(runtime) if extra_runs else {}).items():
         if name in runs:

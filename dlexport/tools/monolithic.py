@@ -120,7 +120,7 @@ def ensure_monolithic(manifest: Manifest, model_factory, folder: Path | None = N
 class MonolithicModel:
     """The monolithic graph in ONNX Runtime with the runtime's KV buffers; greedy only."""
 
-    def __init__(self, folder: Path | str, manifest: Manifest, *, device: str = "cpu", threads: int | None = 1):
+    def __init__(self, folder: Path | str, manifest: Manifest, *, device: str = "cpu", threads: int | None = None):
         folder = Path(folder)
         data = read_json(folder / INFO, "monolithic export info")
         provider = "cuda" if device.startswith("cuda") else "cpu"

@@ -12,6 +12,7 @@ import torch
 
 from ..engines import open_engines
 from ..engines.base import TORCH_DTYPES, Engine
+from ..engines.threads import use_threads
 from ..files import read_json
 from .costs import PHASES, CostTable, phase_shape
 from .environment import describe_device, versions
@@ -40,7 +41,7 @@ def feeds_for(engine: Engine, phase: str, context: int, vocab_size: int, seed: i
     return feeds
 
 
-def profile_builtin(folder: Path | str, contexts=DEFAULT_CONTEXTS, *, device: str = "cpu", threads: int | None = 1,
+def profile_builtin(folder: Path | str, contexts=DEFAULT_CONTEXTS, *, device: str = "cpu", threads: int | None = None,
                     min_runs: int = 5, min_seconds: float = 0.2, max_runs: int = 100, warmup: int = 1,
                     log=print) -> CostTable:
     """Time each engine's ``run`` (synchronised on CUDA) over the engine interface, as the runtime calls it.
@@ -52,6 +53,7 @@ def profile_builtin(folder: Path | str, contexts=DEFAULT_CONTEXTS, *, device: st
     """
     from .trtexec import concrete_shapes, select_profile
 
+    threads = use_threads(threads)
     manifest, engines = open_engines(Path(folder), device=device, threads=threads)
     index = Path(folder) / "engines.json"
     built = read_json(index, "engine folder index") if index.exists() else {"backend": "onnxruntime", "engines": {}}
@@ -108,7 +110,7 @@ def profile_meta(manifest, folder, tool: str, device: str, backend: str, context
 
 
 def run_profile(folder: Path | str, *, tool: str = "builtin", contexts=DEFAULT_CONTEXTS, device: str = "cpu",
-                threads: int | None = 1, cuda_graph: bool = False, log=print) -> CostTable:
+                threads: int | None = None, cuda_graph: bool = False, log=print) -> CostTable:
     """Dispatch to the chosen tool; ``trtexec`` needs an engine folder and the ``trtexec`` binary."""
     if tool not in TOOLS:
         raise ValueError(f"unknown profiling tool {tool!r}; choose one of {', '.join(TOOLS)}")

@@ -1,10 +1,11 @@
 import json
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 
+from dlexport.engines.onnxruntime import OrtConfig
+from dlexport.engines.onnxruntime.loader import create_session
 from dlexport.plans.adapters import export_adapter, fit_adapters
 from dlexport.plans.calibrate import calibrate_exit
 from dlexport.plans.exits import collect_signals
@@ -23,7 +24,7 @@ def test_adapter_onnx_matches_torch(tiny_llama_model, tmp_path):
     entry = export_adapter(stack, adapter, 1, tmp_path)
     assert entry["file"] == "adapters/exit_01.onnx" and len(entry["sha256"]) == 64
     x = torch.randn(3, 7, stack.hidden_size)
-    got = ort.InferenceSession(str(tmp_path / entry["file"])).run(None, {"hidden_states": x.numpy()})[0]
+    got = create_session(tmp_path / entry["file"], OrtConfig()).run(None, {"hidden_states": x.numpy()})[0]
     np.testing.assert_allclose(got, adapter(x).detach().numpy(), atol=1e-5)
 
 

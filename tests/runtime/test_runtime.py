@@ -20,7 +20,7 @@ def opt_runtime(tiny_opt_export):
 
 @pytest.fixture(scope="module")
 def smollm2_runtime(smollm2_export):
-    return Runtime.load(smollm2_export.folder, threads=1)
+    return Runtime.load(smollm2_export.folder)
 
 
 def _greedy(runtime, prompts, n, plan=None):

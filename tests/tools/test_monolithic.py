@@ -6,9 +6,9 @@ from dlexport.tools.monolithic import INFO, MonolithicModel, ensure_monolithic
 
 def test_monolithic_graph_reproduces_the_stitched_greedy_tokens(tiny_llama_export, tiny_llama_mono):
     prompt = list(range(7, 30))
-    mono = MonolithicModel(tiny_llama_mono, tiny_llama_export, threads=1)
+    mono = MonolithicModel(tiny_llama_mono, tiny_llama_export, threads=None)
     tokens, stamps = mono.generate_timed(prompt, 12)
-    stitched = Runtime.load(tiny_llama_export.folder, threads=1).generate([prompt], 12, stop_tokens=[]).tokens[0]
+    stitched = Runtime.load(tiny_llama_export.folder).generate([prompt], 12, stop_tokens=[]).tokens[0]
     assert tokens == stitched
     assert len(stamps) == 12 and stamps == sorted(stamps)
 

@@ -5,7 +5,7 @@ from dlexport.tools.profile import run_profile
 
 
 def test_builtin_profile_covers_every_engine_phase_and_context(tiny_llama_export, tmp_path):
-    table = run_profile(tiny_llama_export.folder, contexts=[8, 32], threads=1, log=lambda *a: None)
+    table = run_profile(tiny_llama_export.folder, contexts=[8, 32], log=lambda *a: None)
     names = {"embed", "head"} | {tiny_llama_export.layer_key(i) for i in range(tiny_llama_export.num_layers)}
     keys = {(e["engine"], e["phase"], e["context"]) for e in table.entries}
     assert keys == {(n, p, c) for n in names for p in ("prefill", "decode") for c in (8, 32)}

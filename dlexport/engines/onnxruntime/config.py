@@ -14,7 +14,7 @@ OPT_LEVELS = ("disable", "basic", "extended", "all")
 @dataclass
 class OrtConfig:
     provider: str = "cpu"  # "cpu", "cuda" or "tensorrt" (the TensorRT EP falls back to CUDA for what it cannot take)
-    threads: int | None = None  # intra-op threads; None lets ONNX Runtime decide
+    threads: int | None = None  # intra-op threads: 1 = the calling thread only; more = the process's shared pool; None = that pool or engines.threads.default_threads()
     opt_level: str = "all"
     device_id: int = 0
     cuda_graph: bool = False  # needs fixed shapes and addresses per session: left to benchmarks that pin them

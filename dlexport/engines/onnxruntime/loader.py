@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..base import BackendUnavailableError
+from ..threads import claim, resolve_threads
 from .config import OPT_LEVELS, PROVIDERS, OrtConfig
 
 
@@ -57,9 +58,10 @@ def create_session(path: Path, config: OrtConfig):
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[config.opt_level]
-    if config.threads:
-        so.intra_op_num_threads = config.threads
-        so.inter_op_num_threads = 1
+    if claim(resolve_threads(config.threads)):  # every session of the process shares one pool (engines/threads.py)
+        so.use_per_session_threads = False
+    else:  # one thread and no pool yet: the calling thread alone, nothing spinning
+        so.intra_op_num_threads = so.inter_op_num_threads = 1
     so.log_severity_level = 3
     if config.optimized_model_path:
         so.optimized_model_filepath = str(config.optimized_model_path)
