@@ -70,6 +70,11 @@ class Manifest:
         return self.data["dtype"]
 
     @property
+    def kv(self) -> str:
+        """"inplace" or "portable" (exporter/kv_inplace.py); exports made before the flavours existed are portable."""
+        return self.data.get("kv", "portable")
+
+    @property
     def rotary(self) -> bool:
         return self.data["rotary"]
 

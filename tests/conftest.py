@@ -13,7 +13,7 @@ def _export(tmp_path_factory, shape: str, **kw):
 
 @pytest.fixture(scope="session")
 def tiny_llama_export(tmp_path_factory):
-    """tiny-llama (4 layers, grouped KV heads, tied embeddings), fp32, validated."""
+    """tiny-llama (4 layers, grouped KV heads, tied embeddings), fp32, in-place KV layers (the default), validated."""
     return _export(tmp_path_factory, "tiny-llama")
 
 
@@ -21,6 +21,18 @@ def tiny_llama_export(tmp_path_factory):
 def tiny_opt_export(tmp_path_factory):
     """tiny-opt (4 layers, pre-layer-norm), fp32, validated."""
     return _export(tmp_path_factory, "tiny-opt")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_portable_export(tmp_path_factory):
+    """tiny-llama with portable (opset-18, new-key/values-out) layers, validated."""
+    return _export(tmp_path_factory, "tiny-llama", kv="portable")
+
+
+@pytest.fixture(scope="session")
+def tiny_opt_portable_export(tmp_path_factory):
+    """tiny-opt with portable layers, validated."""
+    return _export(tmp_path_factory, "tiny-opt", kv="portable")
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,11 @@ def register(sub) -> None:
     p.add_argument("--random-weights", action="store_true", help="build --model's named shape with random weights")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--opset", type=int, default=18, help="opset of the traced graphs (in-place layers use 24)")
+    p.add_argument("--kv", default="inplace", choices=["inplace", "portable"],
+                   help="inplace: layers update their KV buffer and attend over its filled part (ONNX Runtime, "
+                        "TensorRT for RTX); portable: opset-18 layers that return the new key/values (also TensorRT "
+                        "10.3 on JetPack 6)")
     p.add_argument("--no-validate", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace an export of another model in --out")
     p.set_defaults(func=_export)
@@ -28,7 +32,7 @@ def register(sub) -> None:
 def _export(args) -> int:
     from ..exporter import export
 
-    export(args.model, args.out, random_weights=args.random_weights, dtype=args.dtype, opset=args.opset,
+    export(args.model, args.out, random_weights=args.random_weights, dtype=args.dtype, opset=args.opset, kv=args.kv,
            validate=not args.no_validate, overwrite=args.overwrite)
     return 0
 

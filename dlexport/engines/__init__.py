@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..exporter.architectures import TensorSpec
+from ..contract import TensorSpec
 from ..manifest import MANIFEST, Manifest
 from .base import BackendUnavailableError, Engine
 from .threads import use_threads

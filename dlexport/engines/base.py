@@ -5,7 +5,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from ..exporter.architectures import TensorSpec
+from ..contract import TensorSpec
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
 
@@ -26,8 +26,8 @@ class Engine(ABC):
     device: torch.device
 
     @abstractmethod
-    def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        ...
+    def run(self, feeds: dict[str, torch.Tensor], out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """``out``: buffers some outputs must be written to (an in-place layer's present = its KV buffer)."""
 
     def output_shape(self, spec: TensorSpec, feeds: dict[str, torch.Tensor]) -> tuple[int, ...]:
         """Resolve an output's symbolic dims from the inputs that carry the same names (batch, tokens, ...)."""

@@ -108,7 +108,7 @@ def open_engine_folder(folder: Path, *, device: str = "cpu", threads: int | None
 
 
 def _open_ort(folder: Path, data: dict, names: list[str], device: str, threads: int | None) -> dict[str, Engine]:
-    from ..exporter.architectures import TensorSpec
+    from ..contract import TensorSpec
     from . import _ort_provider
     from .onnxruntime import OrtConfig, OrtEngine
 

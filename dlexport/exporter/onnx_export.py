@@ -13,6 +13,8 @@ from .. import __version__
 from ..files import Journal, is_whole, sha256_file
 from ..manifest import FORMAT, FORMAT_VERSION, MANIFEST, Manifest, layer_name, model_fingerprint
 from .architectures import Architecture, TensorSpec, architecture_for
+from ..contract import KV_FLAVOURS, PAST_LENGTH
+from .kv_inplace import inplace_io, make_inplace
 from .sources import LoadedModel, load_model
 
 DEFAULT_OPSET = 18  # plain MatMul/Softmax: parsed by TensorRT 10.3 (JetPack 6) as well as 10.x/11.x and ORT
@@ -33,12 +35,15 @@ class Subgraph:
     outputs: list[TensorSpec]
 
 
-def subgraphs(arch: Architecture) -> list[Subgraph]:
+def subgraphs(arch: Architecture, kv: str = "portable") -> list[Subgraph]:
+    """The subgraphs with the I/O they are exported with (``kv="inplace"``: layers as kv_inplace.py rewrites them)."""
     n = arch.numbers.num_layers
     out = [Subgraph("embed", "embed.onnx", arch.embed_module(), *arch.embed_io())]
     for i in range(n):
         name = layer_name(i, n)
-        out.append(Subgraph(name, f"layers/{name}.onnx", arch.layer_module(i), *arch.layer_io(i)))
+        io = arch.layer_io(i)
+        out.append(Subgraph(name, f"layers/{name}.onnx", arch.layer_module(i), *(inplace_io(*io, i) if kv == "inplace"
+                                                                                   else io)))
     out.append(Subgraph("head", "head.onnx", arch.head_module(), *arch.head_io()))
     return out
 
@@ -88,6 +93,11 @@ def _name_dims(model, sub: Subgraph) -> None:
 
 
 def export_subgraph(arch: Architecture, sub: Subgraph, path: Path, opset: int) -> None:
+    """Trace ``sub.module`` with the portable I/O; an in-place layer is rewritten from that graph afterwards."""
+    inplace = any(s.name == PAST_LENGTH for s in sub.inputs)
+    if inplace:
+        index = int(sub.name.split("_")[1])
+        sub = Subgraph(sub.name, sub.file, sub.module, *arch.layer_io(index))
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -103,6 +113,8 @@ def export_subgraph(arch: Architecture, sub: Subgraph, path: Path, opset: int) -
     _name_dims(program.model, sub)
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path), external_data=None)  # inline below the 2 GB protobuf limit, external data above
+    if inplace:
+        make_inplace(path, index)
 
 
 def _files_of(folder: Path, rel: str) -> list[dict]:
@@ -129,7 +141,8 @@ def _check_out_dir(out: Path, identity: dict, overwrite: bool) -> dict:
     if not overwrite:
         raise ExportDirError(
             f"{out} holds an export of another model or setting (source {old.get('source')!r}, fingerprint "
-            f"{old.get('fingerprint')}, dtype {old.get('dtype')}, opset {old.get('opset')}); this export is "
+            f"{old.get('fingerprint')}, dtype {old.get('dtype')}, opset {old.get('opset')}, kv "
+            f"{old.get('kv', 'portable')}); this export is "
             f"{identity}. Choose another --out, or pass --overwrite to replace it."
         )
     shutil.rmtree(out)
@@ -143,23 +156,31 @@ def export(
     random_weights: bool = False,
     dtype: str = "fp32",
     opset: int = DEFAULT_OPSET,
+    kv: str = "inplace",
     validate: bool = True,
     overwrite: bool = False,
     progress: bool = True,
     log=print,
 ) -> Manifest:
-    """Export ``model`` into ``out`` (see architectures/base.py for the I/O contract) and, by default, validate it."""
+    """Export ``model`` into ``out`` (see architectures/base.py for the I/O contract) and, by default, validate it.
+
+    ``kv``: "inplace" (layers update their cache buffer and attend over its filled part; ONNX Runtime and TensorRT for
+    RTX) or "portable" (opset-18 layers that return only the new key/values; also TensorRT 10.3 on JetPack 6).
+    """
     from tqdm.auto import tqdm
 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     out = Path(out)
     if dtype not in _DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+    if kv not in KV_FLAVOURS:
+        raise ValueError(f"kv {kv!r} is not one of {', '.join(KV_FLAVOURS)}")
     loaded = model if isinstance(model, LoadedModel) else load_model(model, random_weights=random_weights)
     fingerprint = model_fingerprint(loaded.model)
     loaded.model.to(_DTYPES[dtype]).eval()
     arch = architecture_for(loaded.model)
-    identity = {"fingerprint": fingerprint, "dtype": arch.float_dtype(), "opset": opset, "format_version": FORMAT_VERSION}
+    identity = {"fingerprint": fingerprint, "dtype": arch.float_dtype(), "opset": opset, "kv": kv,
+                "format_version": FORMAT_VERSION}
     finished = _check_out_dir(out, identity, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     journal = Journal(out / JOURNAL, identity)
@@ -167,7 +188,7 @@ def export(
     shutil.rmtree(staging, ignore_errors=True)
 
     entries = {}
-    subs = subgraphs(arch)
+    subs = subgraphs(arch, kv)
     bar = tqdm(subs, desc=f"export {loaded.source}", unit="graph", disable=not progress)
     for sub in bar:
         bar.set_postfix_str(sub.name)

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..manifest import Manifest
-from .architectures import architecture_for
+from ..contract import PAST_LENGTH
+from .architectures import (architecture_for, past_key_name, past_value_name, present_key_name,
+                            present_value_name)
 from .onnx_export import subgraphs
 from .sources import LoadedModel
 
@@ -118,12 +120,17 @@ def check_subgraphs(manifest: Manifest, loaded: LoadedModel, log=print, names=No
         if names is not None and sub.name not in names:
             continue
         session = create_session(manifest.path(sub.name), OrtConfig(opt_level="all"))
+        inplace = manifest.kv == "inplace" and sub.name.startswith("layer_")
         for case, values in _cases(arch, sub, dtype):
             with torch.no_grad():
                 ref = sub.module(*values.values())
             ref = ref if isinstance(ref, tuple) else (ref,)
-            got = session.run([o.name for o in sub.outputs], {k: v.numpy() for k, v in values.items()})
-            diff = max(float((torch.from_numpy(g).float() - r.float()).abs().max()) for g, r in zip(got, ref))
+            if inplace:
+                got = _run_inplace(session, sub, values, int(sub.name.split("_")[1]), gen=torch.Generator().manual_seed(3))
+            else:
+                got = [torch.from_numpy(g) for g in
+                       session.run([o.name for o in sub.outputs], {k: v.numpy() for k, v in values.items()})]
+            diff = max(float((g.float() - r.float()).abs().max()) for g, r in zip(got, ref))
             mag = max(float(r.float().abs().max()) for r in ref)
             checks.append(Check(sub.name, case, diff, mag, tol * max(1.0, mag)))
         del session
@@ -134,6 +141,38 @@ def check_subgraphs(manifest: Manifest, loaded: LoadedModel, log=print, names=No
         log(f"  {c.subgraph:10s} max |onnx - torch| {c.max_abs_diff:.2e} (worst case {c.case}, tolerance "
             f"{c.tolerance:.1e}) {'ok' if c.ok else 'FAIL'}")
     return checks
+
+
+def _run_inplace(session, sub, values: dict, index: int, gen) -> list[torch.Tensor]:
+    """Run an in-place layer on the portable case ``values``: the past goes into a larger buffer whose other slots hold
+    noise; return (hidden, the new key/values read back from the buffer). Slots the layer must not write are
+    checked unchanged here, so a stray write fails validation."""
+    past_k, past_v = values[past_key_name(index)], values[past_value_name(index)]
+    b, h, past, d = past_k.shape
+    tokens = values["hidden_states"].shape[1]
+    capacity = past + tokens + 3
+    buffers = []
+    for p in (past_k, past_v):
+        buf = torch.randn(b, h, capacity, d, generator=gen).to(p.dtype)
+        buf[:, :, :past] = p
+        buffers.append(buf)
+    before = [x.clone() for x in buffers]
+    feeds = {k: v for k, v in values.items() if not k.startswith("past_key_values")}
+    feeds.update({past_key_name(index): buffers[0], past_value_name(index): buffers[1],
+                  PAST_LENGTH: torch.full((b,), past, dtype=torch.int64)})
+    binding = session.io_binding()
+    for name, t in feeds.items():
+        binding.bind_cpu_input(name, t.contiguous().numpy())
+    binding.bind_output(sub.outputs[0].name, "cpu")
+    for name, buf in ((present_key_name(index), buffers[0]), (present_value_name(index), buffers[1])):
+        binding.bind_output(name, "cpu", 0, buf.numpy().dtype, tuple(buf.shape), buf.data_ptr())
+    session.run_with_iobinding(binding)
+    hidden = torch.from_numpy(binding.copy_outputs_to_cpu()[0])
+    for buf, old in zip(buffers, before):
+        outside = torch.cat([buf[:, :, :past] - old[:, :, :past], buf[:, :, past + tokens:] - old[:, :, past + tokens:]], 2)
+        if outside.numel() and float(outside.abs().max()) != 0.0:
+            raise ValidationError(f"{sub.name} wrote its KV buffer outside the new tokens' slots")
+    return [hidden, buffers[0][:, :, past:past + tokens], buffers[1][:, :, past:past + tokens]]
 
 
 def reference_prompt(manifest: Manifest, loaded: LoadedModel) -> list[int]:

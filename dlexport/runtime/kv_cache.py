@@ -19,6 +19,9 @@ class KVCache:
         self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)  # False for left padding
         self._min = torch.finfo(dtype).min
         self._masks: dict[tuple[int, int], torch.Tensor] = {}
+        self._filled: dict[tuple[int, int], torch.Tensor] = {}
+        self._lengths: dict[int, torch.Tensor] = {}
+        self._batch = batch
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
         start, n = self.length[layer], key.shape[2]
@@ -32,6 +35,7 @@ class KVCache:
     def new_step(self) -> None:
         """Masks depend on (length, new tokens) and on which slots are valid: rebuilt at most once per step."""
         self._masks.clear()
+        self._filled.clear()
 
     def mask(self, length: int, tokens: int) -> torch.Tensor:
         """Additive mask [batch, 1, tokens, capacity + tokens] for ``tokens`` new positions after ``length`` cached.
@@ -50,3 +54,18 @@ class KVCache:
             mask = torch.zeros(allowed.shape, dtype=self.dtype, device=dev).masked_fill_(~allowed, self._min)
             self._masks[key] = mask[:, None]
         return self._masks[key]
+
+    def filled_mask(self, length: int, tokens: int) -> torch.Tensor:
+        """The in-place layers' mask [batch, 1, tokens, length + tokens]: the same rules over the filled slots only."""
+        key = (length, tokens)
+        if key not in self._filled:
+            full = self.mask(length, tokens)
+            self._filled[key] = torch.cat([full[..., :length], full[..., self.capacity:]], dim=-1)
+        return self._filled[key]
+
+    def write_index(self, length: int) -> torch.Tensor:
+        """``past_length`` for an in-place layer: [batch] int64, made once per length and request."""
+        t = self._lengths.get(length)
+        if t is None:
+            t = self._lengths[length] = torch.full((self._batch,), length, dtype=torch.int64, device=self.device)
+        return t

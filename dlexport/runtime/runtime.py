@@ -19,7 +19,9 @@ import torch
 from ..engines import open_engines
 from ..engines.base import TORCH_DTYPES, Engine
 from ..engines.threads import resolve_threads
+from ..files import read_json
 from ..manifest import Manifest
+from ..contract import PAST_LENGTH, past_key_name, past_value_name, present_key_name, present_value_name
 from .exits import exit_score
 from .kv_cache import KVCache
 from .plan import Plan, load_plan
@@ -87,6 +89,9 @@ class Runtime:
         self.device = engines["embed"].device
         self.rotary = manifest.rotary
         self.layer_keys = [manifest.layer_key(i) for i in range(self.num_layers)]
+        self.inplace = manifest.kv == "inplace"  # layers write their KV buffer themselves (exporter/kv_inplace.py)
+        self._kv_names = [(past_key_name(i), past_value_name(i), present_key_name(i), present_value_name(i))
+                          for i in range(self.num_layers)]
         special = manifest.data.get("special_tokens", {})
         self.eos = list(special.get("eos_token_ids") or [])
         self.pad_id = special.get("pad_token_id")
@@ -96,6 +101,7 @@ class Runtime:
         self._timings: dict[str, float] = {}
         self.default_plan: Plan | None = None  # an engine folder built for a plan runs that plan by default
         self.threads: int | None = None  # CPU threads the engines were opened with (engines/threads.py)
+        self.kv_capacity: int | None = None  # every request's KV buffer size, where the engines fix it (TensorRT)
 
     @classmethod
     def load(cls, path: Path | str, *, backend: str = "onnxruntime", device: str = "cpu",
@@ -116,9 +122,13 @@ class Runtime:
             tokenizer.padding_side = "left"
         runtime = cls(manifest, engines, tokenizer)
         runtime.threads = threads
-        built_for = Path(path) / "plan.json"
-        if (Path(path) / "engines.json").exists() and built_for.exists():
-            runtime.default_plan = load_plan(built_for, manifest)
+        index = Path(path) / "engines.json"
+        if index.exists():
+            built = read_json(index, "engine folder index")
+            if built["backend"] != "onnxruntime" and runtime.inplace:  # TensorRT: the buffers are built static
+                runtime.kv_capacity = built["settings"]["limits"]["max_context"]
+            if (Path(path) / "plan.json").exists():
+                runtime.default_plan = load_plan(Path(path) / "plan.json", manifest)
         return runtime
 
     # -- public API ---------------------------------------------------------------------------------------------
@@ -184,15 +194,22 @@ class Runtime:
         return capacity
 
     def new_cache(self, layers, batch: int, capacity: int) -> KVCache:
+        """Buffers of ``capacity`` slots, or of the fixed size the engines were built for (TensorRT in-place)."""
+        if self.kv_capacity is not None:
+            if capacity > self.kv_capacity:
+                raise PromptTooLongError(
+                    f"this request needs {capacity} KV slots (prompt + new tokens) but these engines were built for "
+                    f"{self.kv_capacity}: shorten the request or rebuild with a larger --max-context")
+            capacity = self.kv_capacity
         return KVCache(layers, batch, self.kv_heads, capacity, self.head_dim, self.dtype, self.device)
 
     # -- the hot path ---------------------------------------------------------------------------------------------
-    def _call(self, name: str, feeds: dict) -> dict:
+    def _call(self, name: str, feeds: dict, out: dict | None = None) -> dict:
         if not self.profile:
-            return self.engines[name].run(feeds)
+            return self.engines[name].run(feeds, out)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         t0 = time.perf_counter()
-        out = self.engines[name].run(feeds)
+        out = self.engines[name].run(feeds, out)
         sync()
         self._timings[name] = self._timings.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
         return out
@@ -218,7 +235,7 @@ class Runtime:
         key = f"adapter:{path}"
         if key not in self.engines:
             from ..engines.onnxruntime import OrtConfig, OrtEngine
-            from ..exporter.architectures import TensorSpec
+            from ..contract import TensorSpec
 
             dims = ("batch", "tokens", self.manifest.arch["hidden_size"])
             config = OrtConfig(provider="cuda" if self.device.type == "cuda" else "cpu",
@@ -228,13 +245,24 @@ class Runtime:
         return self.engines[key]
 
     def _layer(self, i: int, seg: _Segment, cache: KVCache) -> None:
-        tokens = seg.hidden.shape[1]
-        feeds = {"hidden_states": seg.hidden, "attention_mask": cache.mask(cache.length[i], tokens),
-                 f"past_key_values.{i}.key": cache.key[i], f"past_key_values.{i}.value": cache.value[i]}
+        """One layer on ``seg``'s new positions; its key/values land in the cache at the layer's length."""
+        tokens, length = seg.hidden.shape[1], cache.length[i]
+        past_k, past_v, present_k, present_v = self._kv_names[i]
+        key, value = cache.key[i], cache.value[i]
+        if self.inplace:  # the buffer is past and present: the layer writes it and attends over the filled part
+            feeds = {"hidden_states": seg.hidden, "attention_mask": cache.filled_mask(length, tokens),
+                     past_k: key, past_v: value, PAST_LENGTH: cache.write_index(length)}
+        else:  # the whole buffer as past (unwritten slots masked); the new key/values come back to be copied in
+            feeds = {"hidden_states": seg.hidden, "attention_mask": cache.mask(length, tokens), past_k: key,
+                     past_v: value}
         if self.rotary:
             feeds["rotary_cos"], feeds["rotary_sin"] = seg.cos, seg.sin
-        out = self._call(self.layer_keys[i], feeds)
-        cache.write(i, out[f"present.{i}.key"], out[f"present.{i}.value"])
+        if self.inplace:
+            out = self._call(self.layer_keys[i], feeds, {present_k: key, present_v: value})
+            cache.length[i] = length + tokens
+        else:
+            out = self._call(self.layer_keys[i], feeds)
+            cache.write(i, out[present_k], out[present_v])
         seg.hidden = out["hidden_states_out"]
 
     def run_layers(self, seg: _Segment, layers, cache: KVCache, pending: list[_Segment] | None = None,

@@ -250,9 +250,10 @@ def predictions(table: CostTable, layer_sets: dict[str, tuple[int, ...]], manife
     """Per named layer set (a stitched run): predicted prefill and decode-step ms from profile.json, and the
     tokens/s they imply ("full" is the reference of ``speed_vs_full``).
 
-    Decode steps run against the whole cache buffer (prompt + new tokens), so they are priced at that context.
+    Portable layers attend over the whole cache buffer (prompt + new tokens), so their decode steps are priced at that
+    context; in-place layers attend over the filled part, priced at its mean (prompt + half the new tokens).
     """
-    capacity = prompt_tokens + new_tokens
+    capacity = prompt_tokens + new_tokens if manifest.kv == "portable" else prompt_tokens + new_tokens // 2
     out = {}
     for name, layers in layer_sets.items():
         names = [manifest.layer_key(i) for i in layers]

@@ -7,8 +7,10 @@ Shapes behind each entry (batch 1, the runtime's KV convention: a layer gets the
   (the runtime only projects the last position).
 - ``decode`` at context C: 1 new token, ``past`` = a C-slot buffer.
 
-The runtime sizes its buffer to prompt + max_new_tokens, so a decode step of such a request costs the ``decode``
-entry at that capacity, whatever the current length.
+The runtime sizes its buffer to prompt + max_new_tokens, so with portable layers a decode step of such a request
+costs the ``decode`` entry at that capacity, whatever the current length. In-place layers (exporter/kv_inplace.py)
+attend over the filled slots only: ``decode`` at C is C filled slots + 1 new token, ``prefill`` at C is C new tokens
+into an empty buffer, and a decode step costs the entry at its current length.
 """
 from __future__ import annotations
 
@@ -21,13 +23,18 @@ FORMAT, VERSION = "dlexport-profile", 1
 PHASES = ("prefill", "decode")
 
 
-def phase_shape(phase: str, context: int, engine: str) -> dict:
-    """The symbolic dimension values an engine is timed with for ``phase`` at ``context`` (see module docstring)."""
+def phase_shape(phase: str, context: int, engine: str, inplace: bool = False) -> dict:
+    """The symbolic dimension values an engine is timed with for ``phase`` at ``context`` (see module docstring),
+    plus ``past_length`` (the value of an in-place layer's input of that name)."""
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}; choose one of {', '.join(PHASES)}")
     if context < 1:
         raise ValueError(f"context {context} must be at least 1 token")
     tokens = context if phase == "prefill" and engine != "head" else 1
+    if inplace:
+        filled = 0 if phase == "prefill" else context
+        return {"batch": 1, "tokens": tokens, "capacity": filled + tokens, "past_plus_tokens": filled + tokens,
+                "past_length": filled}
     return {"batch": 1, "tokens": tokens, "past": context, "past_plus_tokens": context + tokens}
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..contract import PAST_LENGTH, is_inplace
 from ..engines import open_engines
 from ..engines.base import TORCH_DTYPES, Engine
 from ..engines.threads import use_threads
@@ -22,9 +23,17 @@ DEFAULT_CONTEXTS = (128, 512, 1024)
 TOOLS = ("builtin", "trtexec")
 
 
+def bound_outputs(engine: Engine, feeds: dict) -> dict | None:
+    """An in-place layer's present outputs bound to its past buffers, as the runtime binds them."""
+    if not is_inplace(engine.inputs):
+        return None
+    return {o.name: feeds[o.name.replace("present.", "past_key_values.")] for o in engine.outputs
+            if o.name.startswith("present.")}
+
+
 def feeds_for(engine: Engine, phase: str, context: int, vocab_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """Inputs of the shapes the runtime would feed (``costs.phase_shape``); values are random but well-formed."""
-    dims = phase_shape(phase, context, engine.name)
+    dims = phase_shape(phase, context, engine.name, inplace=is_inplace(engine.inputs))
     gen = torch.Generator().manual_seed(seed)
     feeds = {}
     for spec in engine.inputs:
@@ -33,6 +42,8 @@ def feeds_for(engine: Engine, phase: str, context: int, vocab_size: int, seed: i
             t = torch.randint(0, vocab_size, shape, generator=gen)
         elif spec.name == "position_ids":
             t = torch.arange(context - shape[1], context).clamp(min=0).expand(*shape).contiguous()
+        elif spec.name == PAST_LENGTH:
+            t = torch.full(shape, dims["past_length"], dtype=torch.int64)
         elif spec.name == "attention_mask":
             t = torch.zeros(shape, dtype=TORCH_DTYPES[spec.dtype])  # every slot visible: the cost is the same
         else:
@@ -66,28 +77,29 @@ def profile_builtin(folder: Path | str, contexts=DEFAULT_CONTEXTS, *, device: st
             feeds = {}
             for name, engine in engines.items():
                 profiles = built["engines"].get(name, {}).get("profiles") or []
-                shapes = concrete_shapes(engine.inputs, phase_shape(phase, context, name))
+                shapes = concrete_shapes(engine.inputs, phase_shape(phase, context, name, is_inplace(engine.inputs)))
                 if profiles and select_profile(profiles, phase, shapes) is None:
                     skipped.append({"engine": name, "phase": phase, "context": context,
                                     "reason": "shapes outside every optimization profile of the engine"})
                 else:
                     feeds[name] = feeds_for(engine, phase, context, vocab)
             samples = {name: [] for name in feeds}
+            outs = {name: bound_outputs(engines[name], f) for name, f in feeds.items()}
             rounds = 0
             while rounds < warmup + max_runs and (rounds < warmup + min_runs
                                                   or time.perf_counter() - t0 < min_seconds * len(feeds)):
                 for name, f in feeds.items():
                     sync()
                     start = time.perf_counter()
-                    engines[name].run(f)
+                    engines[name].run(f, outs[name])
                     sync()
                     if rounds >= warmup:
                         samples[name].append((time.perf_counter() - start) * 1e3)
                 rounds += 1
             for name, times in samples.items():
-                dims = phase_shape(phase, context, name)
+                dims = phase_shape(phase, context, name, is_inplace(engines[name].inputs))
                 entries.append({"engine": name, "phase": phase, "context": context, "tokens": dims["tokens"],
-                                "past": dims["past"], **summary_ms(times)})
+                                "past": dims.get("past", dims.get("past_length")), **summary_ms(times)})
             log(f"  {phase} at context {context}: {rounds - warmup} rounds, {time.perf_counter() - t0:.1f} s")
     meta = profile_meta(manifest, folder, "builtin", device, built["backend"], contexts)
     meta.update({"threads": threads, "timing": "engines called in rounds, once each per round, in model order"})

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..exporter.architectures import TensorSpec
+from ..contract import TensorSpec, is_inplace
 from ..files import read_json
 from ..manifest import Manifest
 from .costs import PHASES, CostTable, phase_shape
@@ -165,6 +165,10 @@ def plan_runs(folder: Path, contexts, binary: str, version, settings: TrtexecSet
     runs, skipped = [], []
     for name, entry in data["engines"].items():
         inputs = [TensorSpec.from_json(s) for s in entry["inputs"]]
+        if is_inplace(inputs):
+            raise ValueError(f"{folder} holds in-place KV layers: trtexec would feed their past_length (the cache write "
+                             "index) random values. Profile them with `--tool builtin`, or build from a `--kv portable` "
+                             "export")
         for context in contexts:
             for phase in PHASES:
                 dims = phase_shape(phase, context, name)

@@ -13,9 +13,10 @@ from dlexport.runtime.reference import reference_generate
 PROMPTS = [[5, 17, 301, 44, 9, 120, 77], [250, 3, 88]]
 
 
-@pytest.fixture(scope="module")
-def opt_runtime(tiny_opt_export):
-    return Runtime.load(tiny_opt_export.folder)
+@pytest.fixture(scope="module", params=["tiny_opt_export", "tiny_opt_portable_export"], ids=["inplace", "portable"])
+def opt_runtime(request):
+    """tiny OPT through both KV flavours: every exactness test below holds for each."""
+    return Runtime.load(request.getfixturevalue(request.param).folder)
 
 
 @pytest.fixture(scope="module")

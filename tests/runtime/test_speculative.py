@@ -17,7 +17,8 @@ def _prompts(vocab: int, lengths=(9, 5), seed=0):
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-@pytest.fixture(scope="module", params=["tiny_llama_export", "tiny_opt_export"])
+@pytest.fixture(scope="module", params=["tiny_llama_export", "tiny_opt_export", "tiny_llama_portable_export",
+                                        "tiny_opt_portable_export"])
 def tiny_runtime(request):
     return Runtime.load(request.getfixturevalue(request.param).folder)
 

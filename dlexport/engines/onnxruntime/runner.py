@@ -1,4 +1,5 @@
-"""ONNX Runtime engine: numpy feeds on the CPU (cheapest there), IO binding to torch buffers on CUDA."""
+"""ONNX Runtime engine: numpy feeds on the CPU (cheapest there), IO binding to torch buffers on CUDA, and on the CPU
+too when outputs must land in given buffers (an in-place layer writing its KV buffer)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...exporter.architectures import TensorSpec
+from ...contract import TensorSpec
 from ..base import TORCH_DTYPES, Engine, OutputPool
 from .config import OrtConfig
 from .loader import create_session
@@ -21,17 +22,42 @@ class OrtEngine(Engine):
         self.on_gpu = config.provider in ("cuda", "tensorrt")
         self.device = torch.device("cuda", config.device_id) if self.on_gpu else torch.device("cpu")
         self._output_names = [o.name for o in outputs]
+        self._binding = self.session.io_binding()
+        self._pool = OutputPool(self.device)
+        self._bound: dict[str, tuple] = {}  # name -> (pointer, shape) last bound: unchanged bindings are kept
+
+    def run(self, feeds: dict[str, torch.Tensor], out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         if self.on_gpu:
-            self._binding = self.session.io_binding()
-            self._pool = OutputPool(self.device)
+            return self._run_bound(feeds, out or {})
+        if out:
+            return self._run_bound_cpu(feeds, out)
+        results = self.session.run(self._output_names, {k: v.numpy() for k, v in feeds.items()})
+        return {n: torch.from_numpy(r) for n, r in zip(self._output_names, results)}
 
-    def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if not self.on_gpu:
-            results = self.session.run(self._output_names, {k: v.numpy() for k, v in feeds.items()})
-            return {n: torch.from_numpy(r) for n, r in zip(self._output_names, results)}
-        return self._run_bound(feeds)
+    def _run_bound_cpu(self, feeds: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every tensor bound by address: the given outputs (ONNX Runtime writes them in place), the others to reused
+        buffers (views valid until this engine's next call). A binding whose address and shape did not change since
+        the last call (a request's KV buffers) is kept as it is."""
+        b, bound = self._binding, self._bound
+        for name, t in feeds.items():
+            key = (t.data_ptr(), tuple(t.shape))
+            if bound.get(name) != key:
+                b.bind_input(name, "cpu", 0, _NP[t.dtype], key[1], key[0])
+                bound[name] = key
+        results = {}
+        for spec in self.outputs:
+            t = out.get(spec.name)
+            if t is None:
+                t = self._pool.view(spec.name, self.output_shape(spec, feeds), TORCH_DTYPES[spec.dtype])
+            key = (t.data_ptr(), tuple(t.shape))
+            if bound.get(spec.name) != key:
+                b.bind_output(spec.name, "cpu", 0, _NP[t.dtype], key[1], key[0])
+                bound[spec.name] = key
+            results[spec.name] = t
+        self.session.run_with_iobinding(b)
+        return results
 
-    def _run_bound(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _run_bound(self, feeds: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Bind inputs and preallocated outputs by device pointer: no host copy, no allocation per call.
 
         ONNX Runtime runs on torch's current stream (``user_compute_stream``), so ordering needs no extra sync.
@@ -42,7 +68,9 @@ class OrtEngine(Engine):
             b.bind_input(name, "cuda", self.config.device_id, _NP[t.dtype], tuple(t.shape), t.data_ptr())
         outs = {}
         for spec in self.outputs:
-            t = self._pool.view(spec.name, self.output_shape(spec, feeds), TORCH_DTYPES[spec.dtype])
+            t = out.get(spec.name)
+            if t is None:
+                t = self._pool.view(spec.name, self.output_shape(spec, feeds), TORCH_DTYPES[spec.dtype])
             b.bind_output(spec.name, "cuda", self.config.device_id, _NP[t.dtype], tuple(t.shape), t.data_ptr())
             outs[spec.name] = t
         self.session.run_with_iobinding(b)

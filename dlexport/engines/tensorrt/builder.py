@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from ... import __version__
+from ...contract import PAST_LENGTH
 from .compat import Flavour, device_capability
 from .config import BuildSettings, profiles_for
 
@@ -56,11 +57,17 @@ def build_engine(flavour: Flavour, onnx_path: Path, subgraph: dict, settings: Bu
     builder = trt.Builder(logger)
     network = builder.create_network(flavour.network_flags(strongly_typed))
     parser = trt.OnnxParser(network, logger)
+    inplace = any(i["name"] == PAST_LENGTH for i in subgraph.get("inputs", ()))
     try:
-        if not parser.parse_from_file(str(onnx_path)):
+        parsed = (parser.parse(_static_capacity(onnx_path, settings.limits.max_context), str(onnx_path)) if inplace
+                  else parser.parse_from_file(str(onnx_path)))
+        if not parsed:
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise EngineBuildError(f"{flavour.name} {flavour.version} cannot parse {onnx_path}: {errors}. Re-export "
-                                   "with the default opset, or report the operator it names")
+            hint = ("This is an in-place KV layer (ONNX TensorScatter, opset 24): re-export with `dlexport export "
+                    "--kv portable` for a TensorRT without that operator (TensorRT 10.3 on JetPack 6)"
+                    if inplace else
+                    "Re-export with the default opset, or report the operator it names")
+            raise EngineBuildError(f"{flavour.name} {flavour.version} cannot parse {onnx_path}: {errors}. {hint}")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)
         config.builder_optimization_level = settings.optimization_level
@@ -104,3 +111,19 @@ def _timing_cache(config, previous: bytes | None):
     cache = config.create_timing_cache(b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     return cache
+
+
+def _static_capacity(onnx_path: Path, capacity: int) -> bytes:
+    """An in-place layer with its KV buffer's ``capacity`` dim fixed: TensorRT's KV_CACHE_UPDATE needs a static
+    sequence dimension. The runtime then allocates every request's buffer at this capacity (attention still reads
+    only the filled part, so the fixed size costs memory, not time). Weights stay in the export's data file."""
+    import onnx
+
+    from ...contract import CAPACITY
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    for value in list(model.graph.input) + list(model.graph.output):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param == CAPACITY:
+                dim.dim_value = capacity
+    return model.SerializeToString()

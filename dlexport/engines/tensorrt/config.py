@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from ...contract import PAST_LENGTH
+
 GiB = 1 << 30
 
 
@@ -61,18 +63,30 @@ class ShapeLimits:
         if self.max_decode_tokens > self.max_context:
             raise ValueError(f"--max-decode-tokens {self.max_decode_tokens} exceeds --max-context {self.max_context}")
 
-    def points(self) -> dict[str, dict[str, tuple[dict, dict, dict]]]:
-        """Symbolic dim sizes at each profile's min, opt and max."""
+    def points(self, inplace: bool = False) -> dict[str, dict[str, tuple[dict, dict, dict]]]:
+        """Symbolic dim sizes at each profile's min, opt and max.
+
+        Portable layers: ``past`` is the whole buffer (up to max_context) and the new tokens come on top of it.
+        In-place layers: ``past`` is the filled length, the buffer (``capacity``) is static at max_context (see
+        builder.py), and filled + new tokens never exceed it.
+        """
         b, p, c, d = self.max_batch, self.max_prompt, self.max_context, self.max_decode_tokens
         opt_prompt = min(128, p)
-        prefill = ({"batch": 1, "tokens": 1, "past": 0},
-                   {"batch": 1, "tokens": opt_prompt, "past": max(opt_prompt, c // 4)},
-                   {"batch": b, "tokens": p, "past": c})
-        decode = ({"batch": 1, "tokens": 1, "past": 1},
-                  {"batch": 1, "tokens": 1, "past": max(1, c // 2)},
-                  {"batch": b, "tokens": d, "past": c})
+        if inplace:
+            prefill = ({"batch": 1, "tokens": 1, "past": 0}, {"batch": 1, "tokens": opt_prompt, "past": 0},
+                       {"batch": b, "tokens": p, "past": c - p})
+            decode = ({"batch": 1, "tokens": 1, "past": 1}, {"batch": 1, "tokens": 1, "past": max(1, c // 2)},
+                      {"batch": b, "tokens": d, "past": c - d})
+        else:
+            prefill = ({"batch": 1, "tokens": 1, "past": 0},
+                       {"batch": 1, "tokens": opt_prompt, "past": max(opt_prompt, c // 4)},
+                       {"batch": b, "tokens": p, "past": c})
+            decode = ({"batch": 1, "tokens": 1, "past": 1},
+                      {"batch": 1, "tokens": 1, "past": max(1, c // 2)},
+                      {"batch": b, "tokens": d, "past": c})
         for point in prefill + decode:
             point["past_plus_tokens"] = point["past"] + point["tokens"]
+            point["capacity"] = c
         return {"prefill": prefill, "decode": decode}
 
 
@@ -82,7 +96,8 @@ PROFILE_NAMES = ("prefill", "decode")
 def profiles_for(inputs: list[dict], limits: ShapeLimits) -> list[dict]:
     """engines.json profiles for one subgraph: [{"name", "shapes": {input: {"min", "opt", "max"}}}]."""
     out = []
-    for name, (lo, opt, hi) in limits.points().items():
+    inplace = any(spec["name"] == PAST_LENGTH for spec in inputs)
+    for name, (lo, opt, hi) in limits.points(inplace).items():
         shapes = {}
         for spec in inputs:
             def at(sizes, dims=spec["shape"]):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ...exporter.architectures import TensorSpec
+from ...contract import TensorSpec
 from ..base import BackendUnavailableError, Engine, OutputPool
 from .compat import Flavour, device_capability, runs_on
 from .config import select_profile
@@ -73,7 +73,7 @@ class TrtEngine(Engine):
     def use_scratch(self, scratch: torch.Tensor) -> None:
         self.context.set_device_memory(scratch.data_ptr(), scratch.numel())
 
-    def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def run(self, feeds: dict[str, torch.Tensor], out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         stream = torch.cuda.current_stream(self.device).cuda_stream
         shapes = {name: tuple(t.shape) for name, t in feeds.items() if name in self._dtypes}
         profile = select_profile(self.profiles, shapes)
@@ -89,7 +89,9 @@ class TrtEngine(Engine):
             ctx.set_tensor_address(name, t.data_ptr())
         outs = {}
         for spec in self.outputs:
-            t = self._pool.view(spec.name, self.output_shape(spec, feeds), self._dtypes[spec.name])
+            t = (out or {}).get(spec.name)
+            if t is None:
+                t = self._pool.view(spec.name, self.output_shape(spec, feeds), self._dtypes[spec.name])
             ctx.set_tensor_address(spec.name, t.data_ptr())
             outs[spec.name] = t
         if not ctx.execute_async_v3(stream):

@@ -22,22 +22,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-BATCH, TOKENS, PAST, KEYS = "batch", "tokens", "past", "past_plus_tokens"
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    shape: tuple  # ints for fixed dims, strings for dynamic ones
-    dtype: str  # "int64", "float32", "float16", "bfloat16"
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "TensorSpec":
-        return cls(d["name"], tuple(d["shape"]), d["dtype"])
-
+from ...contract import (BATCH, KEYS, PAST, TOKENS, TensorSpec, past_key_name, past_value_name,  # noqa: F401
+                        present_key_name, present_value_name)
 
 @dataclass(frozen=True)
 class ArchNumbers:
@@ -52,22 +38,6 @@ class ArchNumbers:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def past_key_name(i: int) -> str:
-    return f"past_key_values.{i}.key"
-
-
-def past_value_name(i: int) -> str:
-    return f"past_key_values.{i}.value"
-
-
-def present_key_name(i: int) -> str:
-    return f"present.{i}.key"
-
-
-def present_value_name(i: int) -> str:
-    return f"present.{i}.value"
 
 
 class ExportCache:

@@ -35,7 +35,8 @@ def _check_folder(out, manifest, rtx, precision="float32"):
     return data
 
 
-@pytest.mark.parametrize("fixture", ["tiny_opt_export", "tiny_llama_export"])
+@pytest.mark.parametrize("fixture", ["tiny_opt_export", "tiny_llama_export", "tiny_opt_portable_export",
+                                     "tiny_llama_portable_export"])
 def test_every_tiny_subgraph_builds_with_both_profiles(fixture, request, rtx, tmp_path):
     manifest = request.getfixturevalue(fixture)
     build_engines(manifest.folder, tmp_path / "engines", backend="tensorrt-rtx", progress=False, log=quiet,
