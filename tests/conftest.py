@@ -24,6 +24,19 @@ def tiny_opt_export(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def family_export(tmp_path_factory):
+    """``family_export("tiny-gemma3")``: that named shape exported once per session, fp32, validated."""
+    made = {}
+
+    def get(shape: str):
+        if shape not in made:
+            made[shape] = _export(tmp_path_factory, shape)
+        return made[shape]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_model():
     return load_model("tiny-llama", random_weights=True)
 

@@ -28,7 +28,8 @@ def test_export_writes_every_subgraph_and_validates(fixture, request):
 def test_manifest_records_architecture_files_and_io(tiny_llama_export):
     m = tiny_llama_export.data
     assert m["architecture"] == {"model_type": "llama", "num_layers": 4, "hidden_size": 64, "num_heads": 4,
-                                 "num_kv_heads": 2, "head_dim": 16, "vocab_size": 512, "max_positions": 256}
+                                 "num_kv_heads": 2, "head_dim": 16, "vocab_size": 512, "max_positions": 256,
+                                 "layer_windows": [None] * 4}
     assert m["dtype"] == "float32" and m["opset"] == 18 and len(m["fingerprint"]) == 32
     layer = m["subgraphs"]["layer_02"]
     names = [s["name"] for s in layer["inputs"]]
