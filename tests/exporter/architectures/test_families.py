@@ -99,3 +99,16 @@ def test_phi3_partial_rotary_exports_narrow_cos_sin(family_export):
     m = family_export("tiny-phi3")
     cos = next(s for s in m.subgraph("layer_00")["inputs"] if s["name"] == "rotary_cos")
     assert cos["shape"] == ["batch", "tokens", 8] and m.arch["head_dim"] == 16
+
+
+@pytest.mark.parametrize("shape", FAMILIES)
+def test_loads_from_a_local_hugging_face_folder(shape, tmp_path):
+    from dlexport.exporter.architectures import architecture_for
+
+    made = load_model(shape, random_weights=True).model
+    made.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path))
+    assert type(loaded.model) is type(made) and loaded.source == str(tmp_path)
+    theirs = loaded.model.state_dict()
+    assert all(torch.equal(t, theirs[k]) for k, t in made.state_dict().items())
+    assert architecture_for(loaded.model).numbers == architecture_for(made).numbers
