@@ -47,6 +47,7 @@ class KVCache:
             c, dev = self.capacity, self.device
             new = torch.arange(length, length + tokens, device=dev)
             key_slots = torch.cat([torch.arange(c, device=dev), new])
-            key_ok = torch.cat([self.valid & (torch.arange(c, device=dev) < length), self.valid[:, length:length + tokens]], 1)
+            written = self.valid & (torch.arange(c, device=dev) < length)
+            key_ok = torch.cat([written, self.valid[:, length:length + tokens]], 1)
             self._masks[key] = attention_mask(key_slots, key_ok, new, window, self.dtype)
         return self._masks[key]

@@ -5,5 +5,6 @@ from . import gemma3, llama, mistral, opt, phi3, qwen2, qwen3  # noqa: F401  (re
 
 __all__ = [
     "Architecture", "ArchNumbers", "TensorSpec", "UnsupportedModelError", "architecture_for", "attention_mask",
-    "register", "rotary_names", "sequence_mask", "supported_model_types", "past_key_name", "past_value_name", "present_key_name", "present_value_name",
+    "register", "rotary_names", "sequence_mask", "supported_model_types", "past_key_name", "past_value_name",
+    "present_key_name", "present_value_name",
 ]

@@ -199,7 +199,8 @@ class Architecture:
 
     def head_module(self) -> nn.Module:
         """hidden_states -> logits"""
-        return _DecoderHead(self.decoder().norm, self.model.lm_head, getattr(self.config, "final_logit_softcapping", None))
+        softcap = getattr(self.config, "final_logit_softcapping", None)
+        return _DecoderHead(self.decoder().norm, self.model.lm_head, softcap)
 
     def call_layer(self, layer: nn.Module, hidden, mask, cache, rotary) -> torch.Tensor:
         extra = {"position_embeddings": rotary} if rotary is not None else {}
@@ -223,6 +224,15 @@ class Architecture:
 
     def layer_module(self, index: int) -> nn.Module:
         return _LayerWrapper(self, index)
+
+    def layer_structure(self, i: int) -> tuple:
+        """Layers with equal keys trace to the same graph up to their weights (fast export traces one of them): the
+        module tree with its settings, every parameter's and buffer's name, shape and dtype, the rotary kind and
+        whether the layer has a window (its attention module may differ even where eager attention does not)."""
+        layer = self.layers()[i]
+        tensors = [*layer.named_parameters(), *layer.named_buffers()]
+        return (repr(layer), tuple((n, tuple(t.shape), t.dtype) for n, t in tensors), self.layer_rotary(i),
+                self.numbers.layer_windows[i] is None)
 
     def float_dtype(self) -> str:
         return str(next(self.model.parameters()).dtype).removeprefix("torch.")
