@@ -36,6 +36,20 @@ def tiny_opt_portable_export(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def family_export(tmp_path_factory):
+    """``family_export("tiny-gemma3"[, kv="portable"])``: that named shape exported once per session, fp32,
+    validated (in-place KV layers unless asked otherwise)."""
+    made = {}
+
+    def get(shape: str, kv: str = "inplace"):
+        if (shape, kv) not in made:
+            made[shape, kv] = _export(tmp_path_factory, shape, kv=kv)
+        return made[shape, kv]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_model():
     return load_model("tiny-llama", random_weights=True)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ class Subgraph:
     module: torch.nn.Module
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    index: int | None = None  # the layer's index, for layer subgraphs
 
 
 def subgraphs(arch: Architecture, kv: str = "portable") -> list[Subgraph]:
@@ -42,8 +44,8 @@ def subgraphs(arch: Architecture, kv: str = "portable") -> list[Subgraph]:
     for i in range(n):
         name = layer_name(i, n)
         io = arch.layer_io(i)
-        out.append(Subgraph(name, f"layers/{name}.onnx", arch.layer_module(i), *(inplace_io(*io, i) if kv == "inplace"
-                                                                                   else io)))
+        out.append(Subgraph(name, f"layers/{name}.onnx", arch.layer_module(i),
+                            *(inplace_io(*io, i) if kv == "inplace" else io), index=i))
     out.append(Subgraph("head", "head.onnx", arch.head_module(), *arch.head_io()))
     return out
 
@@ -84,20 +86,18 @@ def _dynamic_shapes(sub: Subgraph) -> tuple:
     return tuple(shapes)
 
 
-def _name_dims(model, sub: Subgraph) -> None:
-    """Give graph inputs/outputs the contract's dimension names (torch.export calls some of them s43, s20 + s69)."""
+def _name_io(model, sub: Subgraph) -> None:
+    """Give graph inputs/outputs the contract's names and dimension names (torch.export calls some dims s43, s20 +
+    s69); a layer graph made from another layer's trace gets its own ``past_key_values.N``/``present.N`` names."""
     import onnx_ir as ir
 
     for value, spec in zip(list(model.graph.inputs) + list(model.graph.outputs), sub.inputs + sub.outputs):
+        value.name = spec.name
         value.shape = ir.Shape([ir.SymbolicDim(d) if isinstance(d, str) else d for d in spec.shape])
 
 
-def export_subgraph(arch: Architecture, sub: Subgraph, path: Path, opset: int) -> None:
-    """Trace ``sub.module`` with the portable I/O; an in-place layer is rewritten from that graph afterwards."""
-    inplace = any(s.name == PAST_LENGTH for s in sub.inputs)
-    if inplace:
-        index = int(sub.name.split("_")[1])
-        sub = Subgraph(sub.name, sub.file, sub.module, *arch.layer_io(index))
+def _trace(arch: Architecture, sub: Subgraph, opset: int):
+    """torch.export + ONNX translation, unoptimised: weights stay initializers named by their parameter."""
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -108,13 +108,71 @@ def export_subgraph(arch: Architecture, sub: Subgraph, path: Path, opset: int) -
             input_names=[s.name for s in sub.inputs],
             output_names=[s.name for s in sub.outputs],
             opset_version=opset,
+            optimize=False,
             verbose=False,
         )
-    _name_dims(program.model, sub)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    program.save(str(path), external_data=None)  # inline below the 2 GB protobuf limit, external data above
+    return program.model
+
+
+class LayerTraces:
+    """Fast export: one trace per distinct layer structure (``Architecture.layer_structure``); every other layer of
+    that structure gets a copy of the traced graph with its own weights put in as initializers.
+
+    Tracing dominates export time (seconds per layer) while the layers of a model differ only in weights. A layer
+    whose parameters do not all appear as initializers of the trace is traced itself; validation checks every
+    layer graph against its own PyTorch module either way.
+    """
+
+    def __init__(self, arch: Architecture, opset: int):
+        self.arch, self.opset = arch, opset
+        self._traces: dict = {}
+        self.traced = self.reused = 0
+
+    def graph(self, sub: Subgraph):
+        key = self.arch.layer_structure(sub.index)
+        trace = self._traces.get(key)
+        if trace is not None:
+            model = self._with_weights(trace, sub.module)
+            if model is not None:
+                self.reused += 1
+                return model
+        model = _trace(self.arch, sub, self.opset)
+        self.traced += 1
+        self._traces.setdefault(key, model)
+        return model.clone()  # optimising works on the copy; the trace stays unoptimised for the next layers
+
+    @staticmethod
+    def _with_weights(trace, module: torch.nn.Module):
+        import onnx_ir as ir
+
+        tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+        inits = trace.graph.initializers
+        if any(name not in inits or tuple(inits[name].shape) != tuple(t.shape) for name, t in tensors.items()):
+            return None
+        model = trace.clone()  # shares the tensors of the trace until they are replaced here
+        for name, value in model.graph.initializers.items():
+            if name in tensors:
+                value.const_value = ir.tensor(tensors[name].detach(), name=name)
+        return model
+
+
+def export_subgraph(arch: Architecture, sub: Subgraph, path: Path, opset: int,
+                    traces: LayerTraces | None = None) -> None:
+    """Trace ``sub`` (a layer: reuse a trace of its structure from ``traces``), optimise it as torch.onnx.export does
+    (constant folding), name its I/O and save it (inline below the 2 GB protobuf limit, external data above).
+
+    An in-place layer (kv_inplace.py) is traced with the portable I/O and rewritten after saving."""
+    inplace = any(s.name == PAST_LENGTH for s in sub.inputs)
     if inplace:
-        make_inplace(path, index)
+        sub = Subgraph(sub.name, sub.file, sub.module, *arch.layer_io(sub.index), index=sub.index)
+    model = traces.graph(sub) if traces is not None and sub.index is not None else _trace(arch, sub, opset)
+    program = torch.onnx.ONNXProgram(model, None)
+    program.optimize()
+    _name_io(program.model, sub)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(path), external_data=None)
+    if inplace:
+        make_inplace(path, sub.index)
 
 
 def _files_of(folder: Path, rel: str) -> list[dict]:
@@ -160,12 +218,15 @@ def export(
     validate: bool = True,
     overwrite: bool = False,
     progress: bool = True,
+    reuse_traces: bool = True,
     log=print,
 ) -> Manifest:
     """Export ``model`` into ``out`` (see architectures/base.py for the I/O contract) and, by default, validate it.
 
     ``kv``: "inplace" (layers update their cache buffer and attend over its filled part; ONNX Runtime and TensorRT for
     RTX) or "portable" (opset-18 layers that return only the new key/values; also TensorRT 10.3 on JetPack 6).
+    ``reuse_traces``: trace one layer per distinct layer structure and give the others its graph with their own
+    weights (``LayerTraces``); False traces every layer.
     """
     from tqdm.auto import tqdm
 
@@ -188,6 +249,8 @@ def export(
     shutil.rmtree(staging, ignore_errors=True)
 
     entries = {}
+    traces = LayerTraces(arch, opset) if reuse_traces else None
+    t0 = time.perf_counter()
     subs = subgraphs(arch, kv)
     bar = tqdm(subs, desc=f"export {loaded.source}", unit="graph", disable=not progress)
     for sub in bar:
@@ -198,7 +261,7 @@ def export(
         facts = journal.get(sub.name) or (previous.get("files") if same_io else None)
         if not _still_whole(out, facts):
             tmp = staging / sub.file
-            export_subgraph(arch, sub, tmp, opset)
+            export_subgraph(arch, sub, tmp, opset, traces)
             # move data first, the .onnx last, then record: an interrupted step is redone, never trusted
             for suffix in (".data", ""):
                 src = staging / (sub.file + suffix)
@@ -229,7 +292,9 @@ def export(
     })
     manifest.save()
     journal.remove()
-    log(f"exported {len(entries)} subgraphs of {loaded.source} to {out}")
+    seconds = time.perf_counter() - t0
+    reused = f"; layer graphs: {traces.traced} traced, {traces.reused} from a trace of their structure" if traces else ""
+    log(f"exported {len(entries)} subgraphs of {loaded.source} to {out} in {seconds:.1f} s{reused}")
     if validate:
         from .validate import validate as run_validation
 

@@ -15,6 +15,8 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Named shapes for --random-weights: (model_type, config keyword arguments). The tiny ones use a larger init
 # so that their greedy tokens vary, which makes token-for-token tests discriminating.
+_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=512, max_position_embeddings=256, initializer_range=0.2)
 RANDOM_SHAPES: dict[str, tuple[str, dict]] = {
     "tiny-opt": ("opt", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=4, num_attention_heads=4,
                              vocab_size=512, max_position_embeddings=256, word_embed_proj_dim=64,
@@ -27,6 +29,20 @@ RANDOM_SHAPES: dict[str, tuple[str, dict]] = {
     "tiny-llama": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=256,
                                  tie_word_embeddings=True, initializer_range=0.2)),
+    # The families after Llama: tiny configs from the real config classes, each with what sets it apart switched on
+    # (windows of 4 so that every test's generation runs past them).
+    "tiny-qwen2": ("qwen2", dict(_TINY, use_sliding_window=True, sliding_window=4, max_window_layers=2)),
+    "tiny-qwen3": ("qwen3", dict(_TINY, head_dim=16)),
+    "tiny-mistral": ("mistral", dict(_TINY, head_dim=16, sliding_window=4)),
+    "tiny-phi3": ("phi3", dict(_TINY, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                "partial_rotary_factor": 0.5})),
+    "tiny-gemma3": ("gemma3_text", dict(_TINY, initializer_range=0.02, head_dim=16, query_pre_attn_scalar=16,
+                                        sliding_window=4, layer_types=["sliding_attention", "full_attention",
+                                                                       "sliding_attention", "sliding_attention",
+                                                                       "full_attention"],
+                                        num_hidden_layers=5, final_logit_softcapping=1.0,
+                                        pad_token_id=0, bos_token_id=2, eos_token_id=1)),
     "opt-125m": ("opt", dict(hidden_size=768, ffn_dim=3072, num_hidden_layers=12, num_attention_heads=12,
                              vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=768)),
     "opt-1.3b": ("opt", dict(hidden_size=2048, ffn_dim=8192, num_hidden_layers=24, num_attention_heads=32,
@@ -174,12 +190,9 @@ def _hf_model(name: str) -> LoadedModel:
     from .architectures import supported_model_types
 
     if config.model_type not in supported_model_types():
-        from .architectures.registry import UnsupportedModelError
+        from .architectures.registry import unsupported
 
-        raise UnsupportedModelError(
-            f"model type {config.model_type!r} of {name!r} is not supported; dlexport exports "
-            f"{', '.join(supported_model_types())}"
-        )
+        raise unsupported(config.model_type, of=name)
     model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
     return LoadedModel(model, _tokenizer(name, local), name)
 

@@ -13,8 +13,8 @@ import torch
 
 from ..manifest import Manifest
 from ..contract import PAST_LENGTH
-from .architectures import (architecture_for, past_key_name, past_value_name, present_key_name,
-                            present_value_name)
+from .architectures import (architecture_for, past_key_name, past_value_name, present_key_name, present_value_name,
+                            sequence_mask)
 from .onnx_export import subgraphs
 from .sources import LoadedModel
 
@@ -69,25 +69,28 @@ class Report:
 
 
 def _cases(arch, sub, dtype):
-    """(name, inputs) for prefill, decode and a left-padded batch of two."""
+    """(name, inputs) for prefill, decode and a left-padded batch of two.
+
+    A layer gets the mask of its kind (with its sliding window, which 7 tokens exceed in the tiny configs) and the
+    rotary pair the embed computes for those positions.
+    """
     n = arch.numbers
     gen = torch.Generator().manual_seed(1)
-    min_val = torch.finfo(dtype).min
+    window = n.layer_windows[int(sub.name.split("_")[1])] if sub.name.startswith("layer_") else None
+    embed = arch.embed_module() if any(s.name.startswith("rotary_") for s in sub.inputs) else None
 
     def rand(*shape):
         return torch.randn(*shape, generator=gen).to(dtype)
-
-    def mask(batch, tokens, past, pad):
-        allowed = torch.ones(batch, tokens, past + tokens, dtype=torch.bool).tril(past)
-        for b, p in enumerate(pad):
-            allowed[b, :, :p] = False
-        allowed[:, :, past:] |= torch.eye(tokens, dtype=torch.bool)
-        return torch.zeros(batch, 1, tokens, past + tokens, dtype=dtype).masked_fill(~allowed[:, None], min_val)
 
     cases = []
     for case, batch, tokens, past, pad in (("prefill", 1, 7, 0, [0]), ("decode", 1, 1, 7, [0]),
                                            ("batch2_left_padded", 2, 6, 0, [3, 0])):
         positions = torch.stack([(torch.arange(past, past + tokens) - p).clamp(min=0) for p in pad])
+        valid = torch.stack([torch.arange(past + tokens) >= p for p in pad])
+        rotary = {}
+        if embed is not None:
+            with torch.no_grad():
+                rotary = arch.split_embed(embed(torch.zeros_like(positions), positions))[1]
         values = {}
         for spec in sub.inputs:
             if spec.name == "input_ids":
@@ -95,10 +98,9 @@ def _cases(arch, sub, dtype):
             elif spec.name == "position_ids":
                 values[spec.name] = positions
             elif spec.name == "attention_mask":
-                values[spec.name] = mask(batch, tokens, past, pad)
-            elif spec.name in ("rotary_cos", "rotary_sin"):
-                cos, sin = arch.model.model.rotary_emb(rand(1, tokens, n.hidden_size), positions)
-                values[spec.name] = cos if spec.name == "rotary_cos" else sin
+                values[spec.name] = sequence_mask(valid, tokens, window, dtype)
+            elif spec.name in rotary:
+                values[spec.name] = rotary[spec.name]
             elif spec.name.startswith("past_key_values"):
                 values[spec.name] = rand(batch, n.num_kv_heads, past, n.head_dim)
             else:

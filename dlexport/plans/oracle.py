@@ -18,13 +18,12 @@ def greedy_tokens(stack: Stack, prompts: torch.Tensor, layers, new_tokens: int) 
         for _ in range(new_tokens):
             tokens = ids.shape[1]
             pos = torch.arange(start, start + tokens).expand(b, tokens)
-            emb = stack.embed_module(ids, pos)
-            hidden, extras = (emb[0], tuple(emb[1:])) if isinstance(emb, tuple) else (emb, ())
-            mask = torch.full((tokens, start + tokens), torch.finfo(torch.float32).min).triu(start + 1)
-            mask = mask[None, None].expand(b, 1, tokens, start + tokens)
+            hidden, extras = stack.arch.split_embed(stack.embed_module(ids, pos))
             for i in layers:
                 pk, pv = cache[i]
-                hidden, k, v = stack.layer_modules[i](hidden, mask, *extras, pk, pv)
+                layer = stack.layer_modules[i]
+                mask = stack.mask(tokens, layer.window, start).expand(b, 1, tokens, start + tokens)
+                hidden, k, v = layer.step(hidden, mask, extras, pk, pv)
                 cache[i] = (torch.cat([pk, k], 2), torch.cat([pv, v], 2))
             ids = stack.logits(hidden[:, -1:]).argmax(-1)
             out.append(ids)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..exporter.architectures import architecture_for
+from ..exporter.architectures import architecture_for, sequence_mask
 
 
 @dataclass
@@ -43,28 +43,30 @@ class Stack:
         self.layer_modules = [self.arch.layer_module(i) for i in range(self.num_layers)]
         self.head_module = self.arch.head_module()
         self.chunk_tokens = chunk_tokens  # logits are [tokens, vocab]: computed a few sequences at a time
-        self._masks: dict[int, torch.Tensor] = {}
+        self._masks: dict[tuple, torch.Tensor] = {}
 
     # -- forward pieces -------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def embed(self, ids: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-        """-> (hidden, rotary extras) for sequences starting at position 0."""
+    def embed(self, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """-> (hidden, rotary extras by name) for sequences starting at position 0."""
         pos = torch.arange(ids.shape[1]).expand_as(ids)
-        out = self.embed_module(ids, pos)
-        return (out[0], tuple(out[1:])) if isinstance(out, tuple) else (out, ())
+        return self.arch.split_embed(self.embed_module(ids, pos))
 
-    def _mask(self, tokens: int) -> torch.Tensor:
-        if tokens not in self._masks:
-            m = torch.full((tokens, tokens), torch.finfo(torch.float32).min).triu(1)
-            self._masks[tokens] = m[None, None]
-        return self._masks[tokens]
+    def mask(self, tokens: int, window: int | None, past: int = 0) -> torch.Tensor:
+        """Causal mask [1, 1, tokens, past + tokens] of a layer with ``window`` (None: global), no padding."""
+        key = (tokens, window, past)
+        if key not in self._masks:
+            self._masks[key] = sequence_mask(torch.ones(1, past + tokens, dtype=torch.bool), tokens, window,
+                                             torch.float32)
+        return self._masks[key]
 
     @torch.inference_mode()
-    def layer(self, i: int, hidden: torch.Tensor, extras: tuple) -> torch.Tensor:
+    def layer(self, i: int, hidden: torch.Tensor, extras: dict) -> torch.Tensor:
         n = self.arch.numbers
         b, t = hidden.shape[:2]
         empty = hidden.new_zeros(b, n.num_kv_heads, 0, n.head_dim)
-        return self.layer_modules[i](hidden, self._mask(t).expand(b, 1, t, t), *extras, empty, empty)[0]
+        module = self.layer_modules[i]
+        return module.step(hidden, self.mask(t, module.window).expand(b, 1, t, t), extras, empty, empty)[0]
 
     def run(self, hidden: torch.Tensor, extras: tuple, layers) -> torch.Tensor:
         for i in layers:
@@ -109,6 +111,7 @@ class Stack:
         """
         nll, agree, count = 0.0, 0, 0
         weight = self.lm_weight()[vocab] if vocab is not None else None
+        cap = getattr(self.head_module, "cap", None)  # Gemma's logit soft cap, applied to the subset's logits too
         for r in self.rows(hidden.shape[0], hidden.shape[1]):
             h = hidden[r, :-1]
             if vocab is None:
@@ -117,6 +120,7 @@ class Stack:
                 pred = logits.argmax(-1)
             else:
                 logits = self.pre_logits(h) @ weight.T
+                logits = cap(logits) if cap else logits
                 targets = torch.searchsorted(vocab, ids[r, 1:].contiguous())
                 pred = vocab[logits.argmax(-1)]
             logp = torch.log_softmax(logits, -1)

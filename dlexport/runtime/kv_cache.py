@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..exporter.architectures.base import attention_mask
+
 
 class KVCache:
     def __init__(self, layers, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype, device):
@@ -17,9 +19,8 @@ class KVCache:
         self.length = {i: 0 for i in layers}
         self.capacity, self.dtype, self.device = capacity, dtype, device
         self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)  # False for left padding
-        self._min = torch.finfo(dtype).min
-        self._masks: dict[tuple[int, int], torch.Tensor] = {}
-        self._filled: dict[tuple[int, int], torch.Tensor] = {}
+        self._masks: dict[tuple, torch.Tensor] = {}
+        self._filled: dict[tuple, torch.Tensor] = {}
         self._lengths: dict[int, torch.Tensor] = {}
         self._batch = batch
 
@@ -33,33 +34,33 @@ class KVCache:
         self.length[layer] = min(self.length[layer], length)
 
     def new_step(self) -> None:
-        """Masks depend on (length, new tokens) and on which slots are valid: rebuilt at most once per step."""
+        """Masks depend on (length, new tokens, window) and on which slots are valid: rebuilt at most once per step."""
         self._masks.clear()
         self._filled.clear()
 
-    def mask(self, length: int, tokens: int) -> torch.Tensor:
+    def mask(self, length: int, tokens: int, window: int | None = None) -> torch.Tensor:
         """Additive mask [batch, 1, tokens, capacity + tokens] for ``tokens`` new positions after ``length`` cached.
 
-        Past slots count when written and not padding; new tokens see each other causally. Every query also sees
-        itself, so a padding row never has all keys masked (its softmax stays finite and its values unused).
+        Past slots count when written and not padding; new tokens see each other causally; a sliding-window layer
+        (``window``) sees only the last ``window`` positions. Every query also sees itself, so a padding row never
+        has all keys masked (its softmax stays finite and its values unused). Slots are positions of the
+        left-padded sequence, so slot distances are position distances, as in Hugging Face's masks.
         """
-        key = (length, tokens)
+        key = (length, tokens, window)
         if key not in self._masks:
             c, dev = self.capacity, self.device
-            past_ok = self.valid & (torch.arange(c, device=dev) < length)
-            new_valid = self.valid[:, length:length + tokens]
-            causal = torch.ones(tokens, tokens, dtype=torch.bool, device=dev).tril()
-            new_ok = (causal & new_valid[:, None, :]) | torch.eye(tokens, dtype=torch.bool, device=dev)
-            allowed = torch.cat([past_ok[:, None, :].expand(-1, tokens, -1), new_ok], dim=-1)
-            mask = torch.zeros(allowed.shape, dtype=self.dtype, device=dev).masked_fill_(~allowed, self._min)
-            self._masks[key] = mask[:, None]
+            new = torch.arange(length, length + tokens, device=dev)
+            key_slots = torch.cat([torch.arange(c, device=dev), new])
+            written = self.valid & (torch.arange(c, device=dev) < length)
+            key_ok = torch.cat([written, self.valid[:, length:length + tokens]], 1)
+            self._masks[key] = attention_mask(key_slots, key_ok, new, window, self.dtype)
         return self._masks[key]
 
-    def filled_mask(self, length: int, tokens: int) -> torch.Tensor:
+    def filled_mask(self, length: int, tokens: int, window: int | None = None) -> torch.Tensor:
         """The in-place layers' mask [batch, 1, tokens, length + tokens]: the same rules over the filled slots only."""
-        key = (length, tokens)
+        key = (length, tokens, window)
         if key not in self._filled:
-            full = self.mask(length, tokens)
+            full = self.mask(length, tokens, window)
             self._filled[key] = torch.cat([full[..., :length], full[..., self.capacity:]], dim=-1)
         return self._filled[key]
 

@@ -1,25 +1,17 @@
 """A PyTorch reference for skip plans and exit policies, independent of the runtime's caching.
 
 Every step recomputes the whole sequence through the Hugging Face modules (no KV cache at all), running only the
-plan's layers; after each exit layer it scores the last position with the same criterion the runtime uses. Because
-the runtime's early exit keeps its caches exact (see runtime.py), both must emit the same tokens. Slow by design:
-it exists to be obviously right.
+plan's layers, each under the causal mask of its kind (with its sliding window, if any); after each exit layer it
+scores the last position with the same criterion the runtime uses. Because the runtime's early exit keeps its caches
+exact (see runtime.py), both must emit the same tokens. Slow by design: it exists to be obviously right.
 """
 from __future__ import annotations
 
 import torch
 
-from ..exporter.architectures import architecture_for
+from ..exporter.architectures import architecture_for, sequence_mask
 from .exits import exit_score
 from .plan import Plan
-
-
-def _mask(valid: torch.Tensor, dtype) -> torch.Tensor:
-    """Causal + padding mask [batch, 1, seq, seq]; every query also sees itself (as the runtime's mask does)."""
-    seq = valid.shape[1]
-    allowed = torch.ones(seq, seq, dtype=torch.bool).tril()[None] & valid[:, None, :]
-    allowed |= torch.eye(seq, dtype=torch.bool)
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 @torch.no_grad()
@@ -40,12 +32,11 @@ def reference_generate(model, prompts: list[list[int]], max_new_tokens: int, pla
     exits = []
     for step in range(max_new_tokens):
         positions = (valid.cumsum(1) - 1).clamp(min=0)
-        out = embed(ids, positions)
-        hidden, rotary = (out[0], out[1:]) if isinstance(out, tuple) else (out, ())
-        mask = _mask(valid, dtype)
+        hidden, rotary = arch.split_embed(embed(ids, positions))
+        masks = {w: sequence_mask(valid, valid.shape[1], w, dtype) for w in set(n.layer_windows)}
         token, exit_layer = None, None
         for k, i in enumerate(layers):
-            hidden = wrappers[i](hidden, mask, *rotary, empty, empty)[0]
+            hidden = wrappers[i].step(hidden, masks[wrappers[i].window], rotary, empty, empty)[0]
             if policy and step > 0 and i in policy.layers and k + 1 >= policy.min_depth and k + 1 < len(layers):
                 logits = head(hidden[:, -1:])[:, -1]
                 if bool((exit_score(logits, policy, (i + 1) / n.num_layers) >= policy.threshold).all()):

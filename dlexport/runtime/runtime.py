@@ -65,18 +65,25 @@ class Generation:
 
 @dataclass
 class _Segment:
-    """Hidden states of consecutive new positions (plus their rotary cos/sin), at some depth."""
+    """Hidden states of consecutive new positions (plus the embed's rotary cos/sin by name), at some depth."""
 
     hidden: torch.Tensor
-    cos: torch.Tensor | None
-    sin: torch.Tensor | None
+    rotary: dict = field(default_factory=dict)
     frontier: int = -1  # index into the plan's layers of the last layer applied
 
     def prepend(self, older: "_Segment") -> None:
         self.hidden = torch.cat([older.hidden, self.hidden], dim=1)
-        if self.cos is not None:
-            self.cos = torch.cat([older.cos, self.cos], dim=1)
-            self.sin = torch.cat([older.sin, self.sin], dim=1)
+        self.rotary = {k: torch.cat([older.rotary[k], v], dim=1) for k, v in self.rotary.items()}
+
+    def clone(self, frontier: int | None = None) -> "_Segment":
+        return _Segment(self.hidden.clone(), {k: v.clone() for k, v in self.rotary.items()},
+                        self.frontier if frontier is None else frontier)
+
+    @staticmethod
+    def cat(parts: list["_Segment"]) -> "_Segment":
+        """Consecutive segments as one (oldest first)."""
+        return _Segment(torch.cat([p.hidden for p in parts], dim=1),
+                        {k: torch.cat([p.rotary[k] for p in parts], dim=1) for k in parts[0].rotary})
 
 
 class Runtime:
@@ -87,11 +94,13 @@ class Runtime:
         self.max_positions = a["max_positions"]
         self.dtype = TORCH_DTYPES[manifest.dtype]
         self.device = engines["embed"].device
-        self.rotary = manifest.rotary
         self.layer_keys = [manifest.layer_key(i) for i in range(self.num_layers)]
         self.inplace = manifest.kv == "inplace"  # layers write their KV buffer themselves (exporter/kv_inplace.py)
         self._kv_names = [(past_key_name(i), past_value_name(i), present_key_name(i), present_value_name(i))
                           for i in range(self.num_layers)]
+        self.windows = a.get("layer_windows") or [None] * self.num_layers  # sliding window per layer, None: global
+        self.layer_rotary = [[s["name"] for s in manifest.subgraph(k)["inputs"] if s["name"].startswith("rotary_")]
+                             for k in self.layer_keys]  # the embed outputs each layer takes
         special = manifest.data.get("special_tokens", {})
         self.eos = list(special.get("eos_token_ids") or [])
         self.pad_id = special.get("pad_token_id")
@@ -216,7 +225,7 @@ class Runtime:
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> _Segment:
         out = self._call("embed", {"input_ids": ids, "position_ids": positions})
-        return _Segment(out["hidden_states"], out.get("rotary_cos"), out.get("rotary_sin"))
+        return _Segment(out["hidden_states"], {k: v for k, v in out.items() if k.startswith("rotary_")})
 
     def head(self, hidden_last: torch.Tensor) -> torch.Tensor:
         """[batch, 1, hidden] -> [batch, vocab] logits."""
@@ -246,17 +255,16 @@ class Runtime:
 
     def _layer(self, i: int, seg: _Segment, cache: KVCache) -> None:
         """One layer on ``seg``'s new positions; its key/values land in the cache at the layer's length."""
-        tokens, length = seg.hidden.shape[1], cache.length[i]
+        tokens, length, window = seg.hidden.shape[1], cache.length[i], self.windows[i]
         past_k, past_v, present_k, present_v = self._kv_names[i]
         key, value = cache.key[i], cache.value[i]
         if self.inplace:  # the buffer is past and present: the layer writes it and attends over the filled part
-            feeds = {"hidden_states": seg.hidden, "attention_mask": cache.filled_mask(length, tokens),
+            feeds = {"hidden_states": seg.hidden, "attention_mask": cache.filled_mask(length, tokens, window),
                      past_k: key, past_v: value, PAST_LENGTH: cache.write_index(length)}
         else:  # the whole buffer as past (unwritten slots masked); the new key/values come back to be copied in
-            feeds = {"hidden_states": seg.hidden, "attention_mask": cache.mask(length, tokens), past_k: key,
+            feeds = {"hidden_states": seg.hidden, "attention_mask": cache.mask(length, tokens, window), past_k: key,
                      past_v: value}
-        if self.rotary:
-            feeds["rotary_cos"], feeds["rotary_sin"] = seg.cos, seg.sin
+        feeds.update((name, seg.rotary[name]) for name in self.layer_rotary[i])
         if self.inplace:
             out = self._call(self.layer_keys[i], feeds, {present_k: key, present_v: value})
             cache.length[i] = length + tokens
@@ -282,7 +290,7 @@ class Runtime:
                 logits = self.exit_head(layers[k], seg.hidden[:, -1:], exit_policy)
                 score = exit_score(logits, exit_policy, (layers[k] + 1) / self.num_layers)
                 if bool((score >= exit_policy.threshold).all()):
-                    pending.append(_Segment(seg.hidden.clone(), _clone(seg.cos), _clone(seg.sin), k))
+                    pending.append(seg.clone(frontier=k))
                     return logits, layers[k], k + 1 - start
         return None, None, len(layers) - start
 
@@ -404,6 +412,3 @@ def _strategy(name: str, options: dict):
         return generate_per_sequence
     raise ValueError(f"unknown strategy {name!r}; choose plain, speculative or per-sequence")
 
-
-def _clone(t):
-    return None if t is None else t.clone()

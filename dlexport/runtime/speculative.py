@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .plan import Draft, Plan, PlanError
-from .runtime import Request, StepStats, StreamEvent, _clone, _Segment
+from .runtime import Request, StepStats, StreamEvent, _Segment
 from .sampling import Sampling, pick, probabilities
 
 
@@ -197,8 +197,7 @@ def _round(req: Request, spec: Speculator | None, k: int) -> tuple[torch.Tensor,
     if k:
         for i in spec.layers[shared:]:
             cache.rollback(i, t)
-        parts = kept + [(seg.hidden, seg.cos, seg.sin)]
-        seg = _Segment(*(None if x[0] is None else torch.cat(x, dim=1) for x in zip(*parts)))
+        seg = _Segment.cat(kept + [seg])
     rt.run_layers(seg, plan.layers, cache, start=shared)
     logits = rt._call("head", {"hidden_states": seg.hidden})["logits"]
     if not k:
@@ -217,7 +216,7 @@ def _round(req: Request, spec: Speculator | None, k: int) -> tuple[torch.Tensor,
 def _draft(req: Request, spec: Speculator, k: int):
     """k one-token draft steps from the last emitted token.
 
-    Returns (kept: per step (hidden, cos, sin) after the shared prefix, tokens [B, k+1] = last emitted then d_1..d_k,
+    Returns (kept: per step the segment after the shared prefix, tokens [B, k+1] = last emitted then d_1..d_k,
     q: draft probabilities [B, k, V] when sampling, else None).
     """
     rt, cache, t = req.runtime, req.cache, req.slot
@@ -225,7 +224,7 @@ def _draft(req: Request, spec: Speculator, k: int):
     for i in range(k):
         seg = rt.embed(tokens[-1], req.positions(t + i))
         rt.run_layers(seg, spec.layers[:spec.shared], cache)
-        kept.append((seg.hidden.clone(), _clone(seg.cos), _clone(seg.sin)))
+        kept.append(seg.clone())
         rt.run_layers(seg, spec.layers, cache, start=spec.shared)
         logits = rt.exit_head(spec.layers[-1], seg.hidden[:, -1:], req.plan.exit)  # calibrated adapter if any
         if req.sampling.greedy:

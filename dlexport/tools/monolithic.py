@@ -1,6 +1,7 @@
 """Baseline: the whole model as ONE ONNX graph, with the same KV convention as the per-layer subgraphs.
 
-Inputs ``input_ids``, ``position_ids``, ``attention_mask`` and every layer's ``past_key_values.N.key/value`` (the
+Inputs ``input_ids``, ``position_ids``, ``attention_mask`` (plus ``sliding_attention_mask`` for the sliding-window
+layers, where there are any) and every layer's ``past_key_values.N.key/value`` (the
 whole preallocated buffer); outputs the last position's ``logits`` and every layer's ``present.N.key/value`` (new
 tokens only). Its loop is deliberately minimal (one engine call per token, greedy), so the benchmark can tell what
 stitching per-layer engines costs against a single graph in the same runtime (ONNX Runtime, same threads).
@@ -28,22 +29,35 @@ from ..runtime.kv_cache import KVCache
 FILE, INFO = "model.onnx", "monolithic.json"
 
 
+SLIDING_MASK = "sliding_attention_mask"  # an input only where some layers attend within a sliding window
+
+
+def sliding_window(layer_windows) -> int | None:
+    """The one window of the model's sliding-window layers (Hugging Face configs have one), None without any."""
+    windows = {w for w in layer_windows if w is not None}
+    if len(windows) > 1:
+        raise ValueError(f"layers with different sliding windows {sorted(windows)}: the monolithic baseline takes one")
+    return next(iter(windows), None)
+
+
 class _Whole(nn.Module):
     """embed -> every layer -> head on the last position, as one function of tensors."""
 
     def __init__(self, arch):
         super().__init__()
-        self.rotary = arch.rotary
+        self.arch = arch
+        self.windowed = sliding_window(arch.numbers.layer_windows) is not None
         self.embed = arch.embed_module()
         self.layers = nn.ModuleList(arch.layer_module(i) for i in range(arch.numbers.num_layers))
         self.head = arch.head_module()
 
-    def forward(self, input_ids, position_ids, attention_mask, *past):
-        out = self.embed(input_ids, position_ids)
-        hidden, rotary = (out[0], out[1:]) if self.rotary else (out, ())
+    def forward(self, input_ids, position_ids, attention_mask, *rest):
+        sliding_mask, past = (rest[0], rest[1:]) if self.windowed else (None, rest)
+        hidden, rotary = self.arch.split_embed(self.embed(input_ids, position_ids))
         presents = []
         for i, layer in enumerate(self.layers):
-            hidden, key, value = layer(hidden, attention_mask, *rotary, past[2 * i], past[2 * i + 1])
+            mask = attention_mask if layer.window is None else sliding_mask
+            hidden, key, value = layer.step(hidden, mask, rotary, past[2 * i], past[2 * i + 1])
             presents += [key, value]
         return (self.head(hidden[:, -1:]), *presents)
 
@@ -53,6 +67,8 @@ def io_specs(arch) -> tuple[list[TensorSpec], list[TensorSpec]]:
     kv, new_kv = (BATCH, n.num_kv_heads, PAST, n.head_dim), (BATCH, n.num_kv_heads, TOKENS, n.head_dim)
     inputs = [TensorSpec("input_ids", (BATCH, TOKENS), "int64"), TensorSpec("position_ids", (BATCH, TOKENS), "int64"),
               TensorSpec("attention_mask", (BATCH, 1, TOKENS, KEYS), f)]
+    if sliding_window(n.layer_windows) is not None:
+        inputs.append(TensorSpec(SLIDING_MASK, (BATCH, 1, TOKENS, KEYS), f))
     outputs = [TensorSpec("logits", (BATCH, 1, n.vocab_size), f)]
     for i in range(n.num_layers):
         inputs += [TensorSpec(past_key_name(i), kv, f), TensorSpec(past_value_name(i), kv, f)]
@@ -131,11 +147,14 @@ class MonolithicModel:
         a = manifest.arch
         self.num_layers, self.kv_heads, self.head_dim = a["num_layers"], a["num_kv_heads"], a["head_dim"]
         self.dtype, self.device = TORCH_DTYPES[manifest.dtype], self.engine.device
+        self.window = sliding_window(a.get("layer_windows") or ())
 
     def _step(self, cache: KVCache, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         cache.new_step()
         tokens = ids.shape[1]
         feeds = {"input_ids": ids, "position_ids": positions, "attention_mask": cache.mask(cache.length[0], tokens)}
+        if self.window is not None:
+            feeds[SLIDING_MASK] = cache.mask(cache.length[0], tokens, self.window)
         for i in range(self.num_layers):
             feeds[past_key_name(i)], feeds[past_value_name(i)] = cache.key[i], cache.value[i]
         out = self.engine.run(feeds)

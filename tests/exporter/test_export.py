@@ -28,7 +28,8 @@ def test_export_writes_every_subgraph_and_validates(fixture, request):
 def test_manifest_records_architecture_files_and_io(tiny_llama_export):
     m = tiny_llama_export.data
     assert m["architecture"] == {"model_type": "llama", "num_layers": 4, "hidden_size": 64, "num_heads": 4,
-                                 "num_kv_heads": 2, "head_dim": 16, "vocab_size": 512, "max_positions": 256}
+                                 "num_kv_heads": 2, "head_dim": 16, "vocab_size": 512, "max_positions": 256,
+                                 "layer_windows": [None] * 4}
     assert m["dtype"] == "float32" and m["opset"] == 18 and len(m["fingerprint"]) == 32
     layer = m["subgraphs"]["layer_02"]
     names = [s["name"] for s in layer["inputs"]]
@@ -66,13 +67,13 @@ def test_interrupted_export_resumes_from_finished_files(tmp_path, monkeypatch):
     real = export_module.export_subgraph
     calls = []
 
-    def interrupt_at_layer_02(arch, sub, path, opset):
+    def interrupt_at_layer_02(arch, sub, path, opset, traces):
         calls.append(sub.name)
         if sub.name == "layer_02":
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(b"half a file")
             raise KeyboardInterrupt
-        real(arch, sub, path, opset)
+        real(arch, sub, path, opset, traces)
 
     monkeypatch.setattr(export_module, "export_subgraph", interrupt_at_layer_02)
     with pytest.raises(KeyboardInterrupt):
@@ -109,3 +110,21 @@ def test_folder_holding_another_models_export_is_refused(tiny_opt_export, tmp_pa
     manifest = export("tiny-llama", out, random_weights=True, progress=False, validate=False, overwrite=True,
                       log=lambda *a: None)
     assert manifest.arch["model_type"] == "llama"
+
+
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-gemma3"])
+def test_layers_from_one_trace_per_structure_equal_layers_traced_one_by_one(shape, tmp_path, monkeypatch):
+    """Fast export gives the very files per-layer tracing gives; Gemma 3's local and global layers trace apart."""
+    traced = []
+    real = export_module._trace
+    monkeypatch.setattr(export_module, "_trace", lambda arch, sub, opset: (traced.append(sub.name),
+                                                                           real(arch, sub, opset))[1])
+    kw = dict(random_weights=True, progress=False, validate=False, log=lambda *a: None)
+    fast = export(shape, tmp_path / "fast", **kw)
+    fast_traced, traced[:] = list(traced), []
+    slow = export(shape, tmp_path / "slow", reuse_traces=False, **kw)
+    assert {"tiny-llama": ["embed", "layer_00", "head"],
+            "tiny-gemma3": ["embed", "layer_00", "layer_01", "head"]}[shape] == fast_traced
+    assert len(traced) == slow.num_layers + 2
+    for name, entry in slow.data["subgraphs"].items():
+        assert fast.subgraph(name)["files"] == entry["files"], name

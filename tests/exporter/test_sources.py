@@ -27,14 +27,15 @@ def test_unsupported_model_type_names_supported_ones(tmp_path):
     from transformers import GPT2Config
 
     GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64).save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedModelError, match="'gpt2'.*llama, opt"):
+    with pytest.raises(UnsupportedModelError,
+                       match="'gpt2'.*gemma3_text, llama, mistral, opt, phi3, qwen2, qwen3. To add it: .*Architecture"):
         load_model(str(tmp_path))
 
 
 def test_unsupported_model_object_is_refused():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    with pytest.raises(UnsupportedModelError, match="llama, opt"):
+    with pytest.raises(UnsupportedModelError, match="llama, mistral, opt.*README: 'Adding an architecture'"):
         architecture_for(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)))
 
 

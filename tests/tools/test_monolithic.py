@@ -29,3 +29,16 @@ def test_existing_export_is_reused(tiny_llama_export, tiny_llama_mono):
         raise AssertionError("re-exported a monolithic graph that was already there")
 
     assert ensure_monolithic(tiny_llama_export, must_not_export, tiny_llama_mono, log=lambda *a: None) == tiny_llama_mono
+
+
+def test_monolithic_graph_of_a_sliding_window_model_takes_both_masks(family_export, tmp_path):
+    from dlexport.exporter import load_model
+
+    manifest = family_export("tiny-gemma3")
+    folder = ensure_monolithic(manifest, lambda: load_model("tiny-gemma3", random_weights=True).model, tmp_path,
+                               log=lambda *a: None)
+    names = [s["name"] for s in json.loads((folder / INFO).read_text())["inputs"]]
+    assert names[:4] == ["input_ids", "position_ids", "attention_mask", "sliding_attention_mask"]
+    prompt = list(range(7, 20))
+    tokens, _ = MonolithicModel(folder, manifest, threads=1).generate_timed(prompt, 12)  # 25 positions, window 4
+    assert tokens == Runtime.load(manifest.folder, threads=1).generate([prompt], 12, stop_tokens=[]).tokens[0]

@@ -1,10 +1,9 @@
 """OPT (all sizes): learned positions with an offset of 2, optional project_in/out, pre- or post-layer-norm."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from .base import Architecture, ArchNumbers
+from .base import Architecture
 from .registry import register
 
 
@@ -39,27 +38,11 @@ class OptArchitecture(Architecture):
     model_type = "opt"
     rotary = False
 
-    def _numbers(self) -> ArchNumbers:
-        c = self.config
-        return ArchNumbers(
-            model_type="opt",
-            num_layers=c.num_hidden_layers,
-            hidden_size=c.hidden_size,
-            num_heads=c.num_attention_heads,
-            num_kv_heads=c.num_attention_heads,
-            head_dim=c.hidden_size // c.num_attention_heads,
-            vocab_size=c.vocab_size,
-            max_positions=c.max_position_embeddings,
-        )
-
-    def layers(self) -> nn.ModuleList:
-        return self.model.model.decoder.layers
+    def decoder(self) -> nn.Module:
+        return self.model.model.decoder
 
     def embed_module(self) -> nn.Module:
-        return _OptEmbed(self.model.model.decoder)
+        return _OptEmbed(self.decoder())
 
     def head_module(self) -> nn.Module:
-        return _OptHead(self.model.model.decoder, self.model.lm_head)
-
-    def call_layer(self, layer, hidden, mask, cache, rotary) -> torch.Tensor:
-        return layer(hidden, attention_mask=mask, past_key_values=cache, use_cache=True)
+        return _OptHead(self.decoder(), self.model.lm_head)
