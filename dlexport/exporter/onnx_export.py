@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..files import Journal, is_whole, sha256_file
+from ..errors import FolderError, InputError
+from ..files import Journal, OwnedFolder, is_whole, sha256_file
 from ..manifest import FORMAT, FORMAT_VERSION, MANIFEST, Manifest, layer_name, model_fingerprint
 from .architectures import Architecture, TensorSpec, architecture_for
 from .sources import LoadedModel, load_model
@@ -20,8 +21,7 @@ JOURNAL = ".export-progress.json"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class ExportDirError(RuntimeError):
-    pass
+ExportDirError = FolderError  # the name older code catches
 
 
 @dataclass
@@ -114,26 +114,13 @@ def _still_whole(folder: Path, facts) -> bool:
     return bool(facts) and all(is_whole(folder / f["path"], f["size"], f["sha256"]) for f in facts)
 
 
-def _check_out_dir(out: Path, identity: dict, overwrite: bool) -> dict:
-    """Refuse to mix two models' files in one folder; return the subgraph entries of an export of the same model."""
-    manifest = out / MANIFEST
-    if not manifest.exists():
-        return {}
+def _previous_entries(out: Path, identity: dict) -> dict:
+    """The subgraph entries of a finished export of the same model in ``out`` (a re-run reuses its files)."""
     try:
         old = Manifest.load(out).data
-    except (ValueError, FileNotFoundError):
-        old = {}
-    same = {k: old.get(k) for k in identity} == identity
-    if same:
-        return old.get("subgraphs", {})
-    if not overwrite:
-        raise ExportDirError(
-            f"{out} holds an export of another model or setting (source {old.get('source')!r}, fingerprint "
-            f"{old.get('fingerprint')}, dtype {old.get('dtype')}, opset {old.get('opset')}); this export is "
-            f"{identity}. Choose another --out, or pass --overwrite to replace it."
-        )
-    shutil.rmtree(out)
-    return {}
+    except (InputError, FolderError, FileNotFoundError, ValueError):
+        return {}
+    return old.get("subgraphs", {}) if {k: old.get(k) for k in identity} == identity else {}
 
 
 def export(
@@ -154,17 +141,19 @@ def export(
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     out = Path(out)
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+        raise InputError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+    inputs = [model] if isinstance(model, (str, Path)) and Path(model).exists() else []
+    OwnedFolder.inspect(out, "export")  # refuse a folder that is not ours before loading the model
     loaded = model if isinstance(model, LoadedModel) else load_model(model, random_weights=random_weights)
     fingerprint = model_fingerprint(loaded.model)
     loaded.model.to(_DTYPES[dtype]).eval()
     arch = architecture_for(loaded.model)
     identity = {"fingerprint": fingerprint, "dtype": arch.float_dtype(), "opset": opset, "format_version": FORMAT_VERSION}
-    finished = _check_out_dir(out, identity, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    own = OwnedFolder.claim(out, "export", identity, overwrite=overwrite, inputs=inputs)
+    finished = _previous_entries(out, identity)
+    own.add(JOURNAL, MANIFEST)
     journal = Journal(out / JOURNAL, identity)
     staging = out / ".partial"
-    shutil.rmtree(staging, ignore_errors=True)
 
     entries = {}
     subs = subgraphs(arch)
@@ -176,6 +165,7 @@ def export(
         same_io = {k: previous.get(k) for k in io} == io  # a file from an older I/O contract is redone
         facts = journal.get(sub.name) or (previous.get("files") if same_io else None)
         if not _still_whole(out, facts):
+            own.add(sub.file, sub.file + ".data")
             tmp = staging / sub.file
             export_subgraph(arch, sub, tmp, opset)
             # move data first, the .onnx last, then record: an interrupted step is redone, never trusted
@@ -192,6 +182,7 @@ def export(
     tokenizer = None
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(out / "tokenizer")
+        own.add_tree("tokenizer")
         tokenizer = "tokenizer"
 
     manifest = Manifest(out, {
@@ -208,6 +199,7 @@ def export(
     })
     manifest.save()
     journal.remove()
+    own.forget_missing()
     log(f"exported {len(entries)} subgraphs of {loaded.source} to {out}")
     if validate:
         from .validate import validate as run_validation

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import DlexportError
 from ..manifest import Manifest
 from .architectures import architecture_for
 from .onnx_export import subgraphs
@@ -20,7 +21,7 @@ TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
 END_TO_END_TOKENS = 32
 
 
-class ValidationError(AssertionError):
+class ValidationError(DlexportError, AssertionError):
     pass
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import CorruptFileError, InputError
 from ..files import read_json, write_json_atomic
 
 FORMAT, VERSION = "dlexport-profile", 1
@@ -24,9 +25,9 @@ PHASES = ("prefill", "decode")
 def phase_shape(phase: str, context: int, engine: str) -> dict:
     """The symbolic dimension values an engine is timed with for ``phase`` at ``context`` (see module docstring)."""
     if phase not in PHASES:
-        raise ValueError(f"unknown phase {phase!r}; choose one of {', '.join(PHASES)}")
+        raise InputError(f"unknown phase {phase!r}; choose one of {', '.join(PHASES)}")
     if context < 1:
-        raise ValueError(f"context {context} must be at least 1 token")
+        raise InputError(f"context {context} must be at least 1 token")
     tokens = context if phase == "prefill" and engine != "head" else 1
     return {"batch": 1, "tokens": tokens, "past": context, "past_plus_tokens": context + tokens}
 
@@ -50,10 +51,10 @@ class CostTable:
     def load(cls, path: Path | str) -> "CostTable":
         data = read_json(Path(path), "profile")
         if data.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a dlexport profile (format {data.get('format')!r}); create one with "
+            raise CorruptFileError(f"{path} is not a dlexport profile (format {data.get('format')!r}); create one with "
                              "`dlexport profile DIR`")
         if data.get("version") != VERSION:
-            raise ValueError(f"{path} has profile version {data.get('version')}, this dlexport reads {VERSION}: "
+            raise CorruptFileError(f"{path} has profile version {data.get('version')}, this dlexport reads {VERSION}: "
                              "re-run `dlexport profile`")
         meta = {k: v for k, v in data.items() if k not in ("format", "version", "entries", "skipped")}
         return cls(data["entries"], meta, data.get("skipped", []))

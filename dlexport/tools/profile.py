@@ -12,6 +12,7 @@ import torch
 
 from ..engines import open_engines
 from ..engines.base import TORCH_DTYPES, Engine
+from ..errors import InputError
 from ..files import read_json
 from .costs import PHASES, CostTable, phase_shape
 from .environment import describe_device, versions
@@ -111,7 +112,7 @@ def run_profile(folder: Path | str, *, tool: str = "builtin", contexts=DEFAULT_C
                 threads: int | None = 1, cuda_graph: bool = False, log=print) -> CostTable:
     """Dispatch to the chosen tool; ``trtexec`` needs an engine folder and the ``trtexec`` binary."""
     if tool not in TOOLS:
-        raise ValueError(f"unknown profiling tool {tool!r}; choose one of {', '.join(TOOLS)}")
+        raise InputError(f"unknown profiling tool {tool!r}; choose one of {', '.join(TOOLS)}")
     if tool == "trtexec":
         from .trtexec import profile_trtexec
 

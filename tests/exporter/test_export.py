@@ -6,6 +6,8 @@ import json
 import onnx
 import pytest
 
+from dlexport.engines.build import build_engines
+from dlexport.errors import FolderError
 from dlexport.exporter import ExportDirError, export
 from dlexport.exporter import onnx_export as export_module
 from dlexport.manifest import Manifest
@@ -109,3 +111,34 @@ def test_folder_holding_another_models_export_is_refused(tiny_opt_export, tmp_pa
     manifest = export("tiny-llama", out, random_weights=True, progress=False, validate=False, overwrite=True,
                       log=lambda *a: None)
     assert manifest.arch["model_type"] == "llama"
+
+
+def test_overwrite_replaces_only_dlexports_files_and_keeps_the_users(tmp_path):
+    out = tmp_path / "taken"
+    export("tiny-opt", out, random_weights=True, progress=False, validate=False, log=lambda *a: None)
+    (out / "notes.txt").write_text("mine")
+    (out / "layers" / "my_layer.onnx").write_text("my own graph")
+    export("tiny-llama", out, random_weights=True, progress=False, validate=False, overwrite=True, log=lambda *a: None)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "layers" / "my_layer.onnx").read_text() == "my own graph"
+    assert json.loads((out / "manifest.json").read_text())["source"] == "random:tiny-llama:seed0"
+
+
+def test_export_refuses_folders_that_are_not_its_own(tiny_opt_export, tmp_path):
+    user = tmp_path / "mine"
+    (user / "src").mkdir(parents=True)
+    (user / "embed.onnx").write_text("my own graph")
+    engines = tmp_path / "engines"
+    build_engines(tiny_opt_export.folder, engines, backend="onnxruntime", progress=False, log=lambda *a: None)
+    before = {p: p.read_bytes() for p in engines.rglob("*") if p.is_file()}
+    (tmp_path / "file").write_text("data")
+    for out, message in [(user, "not empty and was not made by dlexport"),
+                         (engines, "holds a dlexport engines, not a export"),
+                         (tmp_path / "file", "is a file, not a folder")]:
+        for overwrite in (False, True):
+            with pytest.raises(FolderError, match=message):
+                export("tiny-opt", out, random_weights=True, progress=False, validate=False, overwrite=overwrite,
+                       log=lambda *a: None)
+    assert (user / "embed.onnx").read_text() == "my own graph" and (user / "src").is_dir()
+    assert before == {p: p.read_bytes() for p in engines.rglob("*") if p.is_file()}
+    assert (tmp_path / "file").read_text() == "data"
