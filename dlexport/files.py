@@ -69,10 +69,10 @@ def read_json(path: Path, what: str, limit: int = MAX_JSON_BYTES) -> dict:
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{what} {path} is a folder, not a file: give the path of the {what} file")
+    if path.is_file() and path.stat().st_size > limit:
+        raise CorruptFileError(f"{what} {path} is {path.stat().st_size} bytes; a {what} is at most {limit}: it is "
+                               "not one")
     try:
-        size = path.stat().st_size
-        if size > limit:
-            raise CorruptFileError(f"{what} {path} is {size} bytes; a {what} is at most {limit}: it is not one")
         with open(path, "rb") as f:
             data = json.loads(f.read().decode("utf-8"), parse_constant=_no_constant)
     except FileNotFoundError:

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..errors import FolderError, InputError
-from ..files import Journal, OwnedFolder, is_whole, sha256_file
+from ..errors import DlexportError, FolderError, InputError
+from ..files import Journal, OwnedFolder, is_whole, read_json, sha256_file
 from ..manifest import FORMAT, FORMAT_VERSION, MANIFEST, Manifest, layer_name, model_fingerprint
 from .architectures import Architecture, TensorSpec, architecture_for
 from .sources import LoadedModel, load_model
@@ -111,16 +111,26 @@ def _files_of(folder: Path, rel: str) -> list[dict]:
 
 
 def _still_whole(folder: Path, facts) -> bool:
-    return bool(facts) and all(is_whole(folder / f["path"], f["size"], f["sha256"]) for f in facts)
+    try:
+        return bool(facts) and all(is_whole(folder / f["path"], f["size"], f["sha256"]) for f in facts)
+    except (KeyError, TypeError, OSError):  # a malformed entry is redone, not trusted
+        return False
 
 
 def _previous_entries(out: Path, identity: dict) -> dict:
-    """The subgraph entries of a finished export of the same model in ``out`` (a re-run reuses its files)."""
+    """The subgraph entries of a finished export of the same model in ``out`` (a re-run reuses its files).
+
+    Read without Manifest's checks: an entry from an older I/O contract is still a hint, redone below when its I/O
+    differs; each reused file is checked against its size and sha256.
+    """
     try:
-        old = Manifest.load(out).data
-    except (InputError, FolderError, FileNotFoundError, ValueError):
+        old = read_json(out / MANIFEST, "export manifest")
+    except DlexportError:
         return {}
-    return old.get("subgraphs", {}) if {k: old.get(k) for k in identity} == identity else {}
+    subs = old.get("subgraphs")
+    if not isinstance(subs, dict) or {k: old.get(k) for k in identity} != identity:
+        return {}
+    return {name: entry for name, entry in subs.items() if isinstance(entry, dict)}
 
 
 def export(
