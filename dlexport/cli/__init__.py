@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 
@@ -26,6 +27,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
+    except BrokenPipeError:  # the reader went away (`dlexport inspect DIR | head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # as the Python docs advise for SIGPIPE
+        return 0
     except KeyboardInterrupt:
         resume = "; finished steps are kept: run the same command again to resume" if getattr(
             args, "resumable", False) else ""

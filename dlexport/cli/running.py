@@ -80,7 +80,7 @@ def _strategy_options(args, plan) -> dict:
         base = plan.draft if plan is not None else None
         layers = args.draft_layers or (base.layers if base else None)
         k = args.draft_k if args.draft_k is not None else (base.k if base else 4)
-        adaptive = not args.no_adaptive and (base.adaptive if base and not args.draft_layers else True)
+        adaptive = (base.adaptive if base else True) and not args.no_adaptive
         return {"draft": Draft(layers, k, adaptive) if layers else None}
     if args.strategy == "per-sequence":
         return {"controller": args.controller, "rung": args.rung, "threshold": args.threshold}

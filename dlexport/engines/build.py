@@ -56,9 +56,13 @@ def source_digest(files: list[dict]) -> str:
 
 
 def _still_whole(out: Path, entry: dict | None, source: str) -> bool:
-    if not entry or entry.get("source_sha256") != source:
+    if not isinstance(entry, dict) or entry.get("source_sha256") != source:
         return False
-    return is_whole(out / entry["file"], entry["size"], entry["sha256"])
+    try:
+        return (out / entry["file"]).resolve().is_relative_to(out.resolve()) and \
+            is_whole(out / entry["file"], entry["size"], entry["sha256"])
+    except (KeyError, TypeError, OSError):  # a malformed entry is rebuilt, not trusted
+        return False
 
 
 def _subgraph_names(manifest: Manifest, plan) -> list[str]:

@@ -119,7 +119,9 @@ def open_engine_folder(folder: Path, *, device: str = "cpu", threads: int | None
     if layers is None:
         wanted = built
     else:
-        wanted = [manifest.layer_key(i) for i in layers]
+        from ..checks import layer_list
+
+        wanted = [manifest.layer_key(i) for i in layer_list(layers, manifest.num_layers, "layers")]
         missing = [n for n in wanted if n not in data["engines"]]
         if missing:
             raise InputError(f"{folder} has no engines for {', '.join(missing)} (it holds {', '.join(built)}): build "

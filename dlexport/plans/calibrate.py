@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..checks import number
+from ..checks import integer, number
 from ..errors import InputError
 from ..files import Journal, OwnedFolder, check_replaceable
 from ..manifest import Manifest, model_fingerprint
@@ -28,6 +28,12 @@ class TextConfig:
     eval_seqs: int = 16
     data: tuple = ()  # files or folders; empty: prose on this machine
     seed: int = 0
+
+    def __post_init__(self):
+        integer(self.seq_len, "--seq-len", 2, 1 << 16)
+        integer(self.calib_seqs, "--calib-seqs", 1, 1 << 20)
+        integer(self.eval_seqs, "--eval-seqs", 1, 1 << 20)
+        integer(self.seed, "seed", 0, None)
 
     def sizes(self, **extra) -> dict[str, int]:
         return {"calibration": self.calib_seqs, "evaluation": self.eval_seqs, **extra}

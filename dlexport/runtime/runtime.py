@@ -160,7 +160,7 @@ class Runtime:
             raise InputError(f"profile must be True or False, got {echo(profile)}")
         vocab = self.manifest.arch["vocab_size"]
         if stop_tokens is not None:
-            stop_tokens = _token_ids(stop_tokens, vocab, "stop_tokens", allow_empty=True)
+            stop_tokens = _token_ids(stop_tokens, vocab, "stop_tokens")
         body = _strategy(strategy, options)
         ids, valid = self._encode(prompts)
         stops = set(self.eos if stop_tokens is None else stop_tokens)
@@ -400,7 +400,7 @@ class Request:
 
 
 
-def _token_ids(row, vocab: int, what: str, allow_empty: bool = False) -> list[int]:
+def _token_ids(row, vocab: int, what: str) -> list[int]:
     """A list of token ids, each an int in [0, vocab): a negative id would wrap around, a large one crash the engine."""
     if isinstance(row, (str, bytes, bytearray)) or not hasattr(row, "__iter__"):
         raise InputError(f"{what} must be a list of token ids, got {type(row).__name__} {echo(row)}")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..checks import integer
 from ..errors import InputError
 from ..manifest import Manifest
 from ..runtime import Plan, Runtime
@@ -277,6 +278,10 @@ def run_bench(folder: Path | str, plans: list[Plan], *, baselines=BASELINES, pro
     """
     from .prompts import prose_prompts
 
+    for name, value in (("--prompt-tokens", prompt_tokens), ("--new-tokens", new_tokens), ("--repeats", repeats),
+                        ("--prompts", prompt_count)):
+        integer(value, name, 1, 1 << 20)
+    integer(warmup, "warmup", 0, 1 << 20)
     if threads:
         torch.set_num_threads(threads)
     runtime, runs = build_runs(folder, plans, baselines, device=device, threads=threads, mono_dir=mono_dir, log=log)
