@@ -9,7 +9,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import CorruptFileError, FolderError, InputError, MissingFileError, echo
+from .errors import CorruptFileError, DlexportError, FolderError, InputError, MissingFileError, echo
 
 MAX_JSON_BYTES = 64 << 20  # indexes and reports are KBs to a few MB; anything larger is not one of ours
 OWNER = ".dlexport-folder.json"  # the marker of a folder dlexport writes
@@ -171,13 +171,18 @@ class OwnedFolder:
 
     @classmethod
     def claim(cls, folder: Path | str, kind: str, model, *, overwrite: bool | None = False, inputs=(),
-              what: str = "--out") -> "OwnedFolder":
-        """Take ``folder`` for writing ``kind`` of ``model``; ``overwrite=None``: the command has no --overwrite."""
+              what: str = "--out", legacy=None) -> "OwnedFolder":
+        """Take ``folder`` for writing ``kind`` of ``model``; ``overwrite=None``: the command has no --overwrite.
+
+        ``legacy(folder)`` -> (model, files) or None reads a folder written before markers existed from its own
+        index; it is adopted only when every file in it is one the index lists.
+        """
         folder = Path(folder)
         check_apart(folder, inputs, what)
-        old = cls.inspect(folder, kind, what)
+        old = cls.inspect(folder, kind, what, legacy)
         if old is not None and old.model == model:
             old._remove_temporaries()
+            old._save()
             return old
         if old is not None:
             if not overwrite:
@@ -193,7 +198,7 @@ class OwnedFolder:
         return own
 
     @classmethod
-    def inspect(cls, folder: Path, kind: str, what: str = "--out") -> "OwnedFolder | None":
+    def inspect(cls, folder: Path, kind: str, what: str = "--out", legacy=None) -> "OwnedFolder | None":
         """The folder's owner record when dlexport may write there as ``kind``; None for a new or empty folder."""
         folder = Path(folder)
         if folder.exists() and not folder.is_dir():
@@ -201,6 +206,9 @@ class OwnedFolder:
                               "as it is)")
         marker = folder / OWNER
         if not marker.exists():
+            adopted = cls._adopt(folder, kind, legacy) if legacy is not None and folder.is_dir() else None
+            if adopted is not None:
+                return adopted
             if folder.exists() and any(folder.iterdir()):
                 raise FolderError(f"{what} {folder} is not empty and was not made by dlexport (no {OWNER}): dlexport "
                                   "writes only into a new or empty folder or one it made; choose another folder "
@@ -218,6 +226,20 @@ class OwnedFolder:
             raise FolderError(f"{what} {folder} holds a dlexport {found[0]}, not a {kind}: choose another folder "
                               f"(dlexport does not replace one kind of folder by another)")
         return cls(folder, *found)
+
+    @classmethod
+    def _adopt(cls, folder: Path, kind: str, legacy) -> "OwnedFolder | None":
+        try:
+            found = legacy(folder)
+        except DlexportError:
+            return None
+        if found is None:
+            return None
+        model, files = found
+        present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() or p.is_symlink()}
+        temporary = {f for f in present if Path(f).name.startswith(".") and ".partial" in Path(f).name
+                     or f.startswith(".partial/")}
+        return cls(folder, kind, model, files) if present - temporary <= set(files) else None
 
     def add(self, *relative: str) -> None:
         """Record files (paths relative to the folder) as dlexport's, before writing them."""

@@ -142,3 +142,20 @@ def test_read_json_missing_folder_and_too_large(tmp_path):
     (tmp_path / "big.json").write_text("{}" + " " * 200)
     with pytest.raises(CorruptFileError, match="at most 100"):
         read_json(tmp_path / "big.json", "index", limit=100)
+
+
+def test_a_folder_from_before_markers_is_adopted_only_when_its_index_accounts_for_every_file(tmp_path):
+    folder = tmp_path / "old"
+    (folder / "layers").mkdir(parents=True)
+    for f in ("manifest.json", "embed.onnx", "layers/l0.onnx", ".embed.onnx.x1.partial"):
+        (folder / f).write_text(f)
+    index = lambda f: ("m1", ["manifest.json", "embed.onnx", "layers/l0.onnx"])  # noqa: E731 - its manifest's list
+    own = OwnedFolder.claim(folder, "export", "m1", legacy=index)
+    assert own.files == {"manifest.json", "embed.onnx", "layers/l0.onnx"} and (folder / OWNER).exists()
+    assert not (folder / ".embed.onnx.x1.partial").exists()
+
+    (folder / OWNER).unlink()
+    (folder / "layers" / "notes.txt").write_text("mine")
+    with pytest.raises(FolderError, match="not empty and was not made by dlexport"):
+        OwnedFolder.claim(folder, "export", "m1", overwrite=True, legacy=index)
+    assert not (folder / OWNER).exists() and (folder / "layers" / "notes.txt").read_text() == "mine"

@@ -161,7 +161,7 @@ def build_engines(export_dir: Path | str, out: Path | str, *, plan=None, backend
     manifest = Manifest.load(export_dir)
     out = Path(out)
     check_apart(out, [manifest.folder])
-    OwnedFolder.inspect(out, "engines")
+    OwnedFolder.inspect(out, "engines", legacy=_legacy_engines)
     if plan is not None:
         plan.check()
         plan.check_model(manifest)
@@ -181,7 +181,8 @@ def build_engines(export_dir: Path | str, out: Path | str, *, plan=None, backend
         builder = _TrtBackend(backend, manifest, out, precision, trt_options, share_timing_cache)
 
     identity = {"fingerprint": manifest.fingerprint, **builder.identity()}
-    own = OwnedFolder.claim(out, "engines", manifest.fingerprint, overwrite=overwrite, inputs=[manifest.folder])
+    own = OwnedFolder.claim(out, "engines", manifest.fingerprint, overwrite=overwrite, inputs=[manifest.folder],
+                            legacy=_legacy_engines)
     own.add(JOURNAL, ENGINES_JSON, PLAN_FILE, TIMING_CACHE)
     journal = Journal(out / JOURNAL, identity)
     previous = _previous_entries(out, identity)
@@ -217,6 +218,17 @@ def build_engines(export_dir: Path | str, out: Path | str, *, plan=None, backend
     own.forget_missing()
     log(f"built {rebuilt} engine(s), reused {len(names) - rebuilt}, into {out}")
     return data
+
+
+def _legacy_engines(folder: Path):
+    """An engine folder written before ownership markers: its model and the files engines.json accounts for."""
+    from .folder import load_engine_index
+
+    data = load_engine_index(folder)
+    files = [e["file"] for e in data["engines"].values()] + [ENGINES_JSON, JOURNAL, PLAN_FILE, TIMING_CACHE,
+                                                             "profile.json"]
+    files += [p.relative_to(folder).as_posix() for p in (folder / TOKENIZER).rglob("*") if p.is_file()]
+    return data["manifest"]["fingerprint"], files
 
 
 def _previous_entries(out: Path, identity: dict) -> dict:

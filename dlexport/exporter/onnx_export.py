@@ -110,6 +110,15 @@ def _files_of(folder: Path, rel: str) -> list[dict]:
     return [{"path": f, "size": (folder / f).stat().st_size, "sha256": sha256_file(folder / f)} for f in files]
 
 
+def _legacy_export(folder: Path):
+    """An export written before ownership markers: its identity and the files its manifest accounts for."""
+    data = Manifest.load(folder).data
+    files = [f["path"] for s in data["subgraphs"].values() for f in s["files"]] + [MANIFEST, JOURNAL, "profile.json"]
+    if data.get("tokenizer"):
+        files += [p.relative_to(folder).as_posix() for p in (folder / "tokenizer").rglob("*") if p.is_file()]
+    return {k: data.get(k) for k in ("fingerprint", "dtype", "opset", "format_version")}, files
+
+
 def _still_whole(folder: Path, facts) -> bool:
     try:
         return bool(facts) and all(is_whole(folder / f["path"], f["size"], f["sha256"]) for f in facts)
@@ -153,13 +162,13 @@ def export(
     if dtype not in _DTYPES:
         raise InputError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
     inputs = [model] if isinstance(model, (str, Path)) and Path(model).exists() else []
-    OwnedFolder.inspect(out, "export")  # refuse a folder that is not ours before loading the model
+    OwnedFolder.inspect(out, "export", legacy=_legacy_export)  # refuse a folder not ours before loading the model
     loaded = model if isinstance(model, LoadedModel) else load_model(model, random_weights=random_weights)
     fingerprint = model_fingerprint(loaded.model)
     loaded.model.to(_DTYPES[dtype]).eval()
     arch = architecture_for(loaded.model)
     identity = {"fingerprint": fingerprint, "dtype": arch.float_dtype(), "opset": opset, "format_version": FORMAT_VERSION}
-    own = OwnedFolder.claim(out, "export", identity, overwrite=overwrite, inputs=inputs)
+    own = OwnedFolder.claim(out, "export", identity, overwrite=overwrite, inputs=inputs, legacy=_legacy_export)
     finished = _previous_entries(out, identity)
     own.add(JOURNAL, MANIFEST)
     journal = Journal(out / JOURNAL, identity)

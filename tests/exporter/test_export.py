@@ -142,3 +142,20 @@ def test_export_refuses_folders_that_are_not_its_own(tiny_opt_export, tmp_path):
     assert (user / "embed.onnx").read_text() == "my own graph" and (user / "src").is_dir()
     assert before == {p: p.read_bytes() for p in engines.rglob("*") if p.is_file()}
     assert (tmp_path / "file").read_text() == "data"
+
+
+def test_an_export_from_before_ownership_markers_resumes_but_not_with_a_users_file(tmp_path, monkeypatch):
+    from dlexport.files import OWNER
+
+    out = tmp_path / "old"
+    export("tiny-opt", out, random_weights=True, progress=False, validate=False, log=lambda *a: None)
+    (out / OWNER).unlink()  # as an older dlexport left it
+    calls = []
+    real = export_module.export_subgraph
+    monkeypatch.setattr(export_module, "export_subgraph", lambda *a: (calls.append(a[1].name), real(*a)))
+    export("tiny-opt", out, random_weights=True, progress=False, validate=False, log=lambda *a: None)
+    assert calls == [] and (out / OWNER).exists()
+    (out / OWNER).unlink()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FolderError, match="not made by dlexport"):
+        export("tiny-opt", out, random_weights=True, progress=False, validate=False, log=lambda *a: None)
