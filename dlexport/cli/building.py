@@ -15,7 +15,9 @@ def register(sub) -> None:
     p.add_argument("--export-dir", type=Path, help="with --model: where the export goes (default: OUT-export)")
     p.add_argument("--no-validate", action="store_true", help="with --model: skip validating the export")
     p.add_argument("--plan", type=Path, help="plan.json: build only its layers (default: every layer)")
-    p.add_argument("--out", required=True, type=Path, help="the engine folder")
+    p.add_argument("--out", required=True, type=Path, help="the engine folder (new, empty, or one built for this model)")
+    p.add_argument("--overwrite", action="store_true", help="replace dlexport's files in an engine folder of another "
+                                                            "model (files dlexport did not write are kept)")
     p.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "tensorrt-rtx", "onnxruntime"],
                    help="auto: TensorRT where it imports and a GPU it supports is present, else ONNX Runtime")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
@@ -36,7 +38,7 @@ def register(sub) -> None:
                      help="time every engine's tactics from scratch (for measuring what the shared cache saves)")
     p.add_argument("--device", default="cpu", help="ONNX Runtime: the device the optimised graphs are for")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_build)
+    p.set_defaults(func=_build, resumable=True)
 
 
 def _build(args) -> int:
@@ -45,7 +47,7 @@ def _build(args) -> int:
     trt_options = {k: getattr(args, k) for k in ("target", "max_batch", "max_prompt", "max_context",
                                                  "max_decode_tokens", "workspace_gib", "optimization_level")}
     trt_options["compute_capabilities"] = tuple(args.compute_capabilities)
-    common = dict(backend=args.backend, precision=args.precision, progress=not args.quiet,
+    common = dict(backend=args.backend, precision=args.precision, progress=not args.quiet, overwrite=args.overwrite,
                   share_timing_cache=not args.no_shared_timing_cache, ort_device=args.device)
     if args.from_export:
         from ..manifest import Manifest

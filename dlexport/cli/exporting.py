@@ -17,8 +17,9 @@ def register(sub) -> None:
                         "TensorRT for RTX); portable: opset-18 layers that return the new key/values (also TensorRT "
                         "10.3 on JetPack 6)")
     p.add_argument("--no-validate", action="store_true")
-    p.add_argument("--overwrite", action="store_true", help="replace an export of another model in --out")
-    p.set_defaults(func=_export)
+    p.add_argument("--overwrite", action="store_true", help="replace an export of another model in --out (only the "
+                                                            "files dlexport wrote there; nothing else is touched)")
+    p.set_defaults(func=_export, resumable=True)
 
     p = sub.add_parser("inspect", help="summarise an export or engine folder")
     p.add_argument("dir", type=Path)
@@ -38,6 +39,11 @@ def _export(args) -> int:
 
 
 def _inspect(args) -> int:
+    if (args.dir / "engines.json").exists():
+        from ..engines.folder import describe_engine_folder
+
+        print(describe_engine_folder(args.dir))
+        return 0
     from ..exporter.inspect import describe
 
     print(describe(args.dir))

@@ -36,7 +36,7 @@ def register(sub) -> None:
                                                "(0: exact greedy; default 6 for models deeper than 12 layers)")
     p.add_argument("-o", "--out", type=Path, required=True, help="plan.json to write")
     _text_args(p)
-    p.set_defaults(func=_calibrate)
+    p.set_defaults(func=_calibrate, resumable=True)
 
     p = plan.add_parser("calibrate-exit", help="early-exit policy (layers, criterion, threshold) at a target "
                                               "agreement with the full model, head checks counted")
@@ -48,7 +48,7 @@ def register(sub) -> None:
     p.add_argument("--head-cost", type=float, help="override: one head call costs this many layers")
     p.add_argument("-o", "--out", type=Path, required=True, help="plan.json to write")
     _text_args(p)
-    p.set_defaults(func=_calibrate_exit)
+    p.set_defaults(func=_calibrate_exit, resumable=True)
 
     p = sub.add_parser("analyze", help="report what skip plans, early exit and per-sequence depth buy on a model")
     p.add_argument("dir", type=Path, help="export folder")
@@ -58,7 +58,7 @@ def register(sub) -> None:
     p.add_argument("--profile", type=Path, help="cost table (default: DIR/profile.json; else estimated from weights)")
     p.add_argument("-o", "--out", type=Path, required=True, help="report folder")
     _text_args(p)
-    p.set_defaults(func=_analyze)
+    p.set_defaults(func=_analyze, resumable=True)
 
 
 def _calibrate(args) -> int:

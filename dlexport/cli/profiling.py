@@ -5,14 +5,16 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..errors import InputError
+
 
 def _ints(text: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"{text!r} is not a comma-separated list of integers (e.g. 128,512,1024)") from None
+        raise InputError(f"{text!r} is not a comma-separated list of integers (e.g. 128,512,1024)") from None
     if not values:
-        raise ValueError("give at least one context length")
+        raise InputError("give at least one context length")
     return values
 
 
@@ -71,7 +73,11 @@ def register(sub) -> None:
 def _profile(args) -> int:
     from ..tools.profile import run_profile
 
+    from ..files import check_replaceable
+    from ..tools.costs import FORMAT
+
     out = args.out or args.dir / "profile.json"
+    check_replaceable(out, FORMAT, "--out")
     table = run_profile(args.dir, tool=args.tool, contexts=_ints(args.contexts), device=args.device,
                         threads=args.threads, cuda_graph=args.cuda_graph, log=_err)
     table.save(out)
@@ -91,6 +97,10 @@ def _bench(args) -> int:
     from ..tools.costs import CostTable
     from ..tools.report import markdown, write_outputs
 
+    from ..files import OwnedFolder, check_apart
+
+    check_apart(args.out, [args.dir])
+    OwnedFolder.inspect(args.out, "bench")  # refused before the benchmark, not after it
     baselines = [b.strip() for b in args.baseline.split(",") if b.strip()]
     profile = args.profile or (args.dir / "profile.json" if (args.dir / "profile.json").exists() else None)
     manifest = folder_manifest(args.dir)
@@ -107,13 +117,14 @@ def _bench(args) -> int:
 
 
 def _sweep(args) -> int:
+    from ..errors import InputError
     from ..files import write_json_atomic
     from ..runtime import load_plan
     from ..tools.bench import folder_manifest
     from ..tools.sweep import markdown, plot, run_sweep
 
     if args.threads is not None:
-        raise ValueError("--threads and --threads-sweep exclude each other: the sweep sets the threads of each run")
+        raise InputError("--threads and --threads-sweep exclude each other: the sweep sets the threads of each run")
     manifest = folder_manifest(args.dir)
     plans = [load_plan(p, manifest) for p in args.plan]
     sweep = run_sweep(args.dir, _ints(args.threads_sweep), plans, prompt_tokens=args.prompt_tokens,

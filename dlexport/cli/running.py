@@ -1,6 +1,7 @@
 """run: generate with a plan through the stitched runtime."""
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -24,7 +25,8 @@ def register(sub) -> None:
                         "per request")
     p.add_argument("--draft-layers", type=_layer_list, help="speculative draft layers, e.g. 0-11 or 0,2,4 "
                    "(default: the plan's 'draft')")
-    p.add_argument("--draft-k", type=int, default=4, help="tokens drafted per round (the maximum when adaptive)")
+    p.add_argument("--draft-k", type=int, help="tokens drafted per round (the maximum when adaptive; default: the "
+                                               "plan's draft k, else 4)")
     p.add_argument("--no-adaptive", action="store_true", help="keep the draft length fixed and never switch off")
     p.add_argument("--controller", choices=("prompt", "fixed", "oracle"), default="prompt",
                    help="per-sequence: how the rung is chosen")
@@ -41,7 +43,7 @@ def _run(args) -> int:
     plan = load_plan(args.plan, runtime.manifest) if args.plan else None
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     events = runtime.stream(args.prompt, args.max_new_tokens, plan, sampling=sampling, profile=args.profile,
-                            strategy=args.strategy, **_strategy_options(args))
+                            strategy=args.strategy, **_strategy_options(args, plan or runtime.default_plan))
     streaming = args.stream and runtime.tokenizer is not None
     first_row, shown, result = [], "", None
     if streaming:
@@ -64,16 +66,22 @@ def _run(args) -> int:
 def _layer_list(text: str) -> tuple[int, ...]:
     layers = []
     for part in text.split(","):
-        lo, _, hi = part.partition("-")
+        lo, _, hi = part.strip().partition("-")
+        if not lo.isdigit() or not (hi or lo).isdigit() or int(hi or lo) - int(lo) > 4096:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a layer or a range of layers (e.g. 0-11 or 0,2,4)")
         layers += range(int(lo), int(hi or lo) + 1)
     return tuple(layers)
 
 
-def _strategy_options(args) -> dict:
+def _strategy_options(args, plan) -> dict:
     if args.strategy == "speculative":
         from ..runtime.plan import Draft
 
-        return {"draft": Draft(args.draft_layers, args.draft_k, not args.no_adaptive) if args.draft_layers else None}
+        base = plan.draft if plan is not None else None
+        layers = args.draft_layers or (base.layers if base else None)
+        k = args.draft_k if args.draft_k is not None else (base.k if base else 4)
+        adaptive = (base.adaptive if base else True) and not args.no_adaptive
+        return {"draft": Draft(layers, k, adaptive) if layers else None}
     if args.strategy == "per-sequence":
         return {"controller": args.controller, "rung": args.rung, "threshold": args.threshold}
     return {}

@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..contract import TensorSpec
+from ..checks import integer
+from ..errors import InputError, MissingFileError, echo
 from ..manifest import MANIFEST, Manifest
 from .base import BackendUnavailableError, Engine
 from .threads import use_threads
@@ -18,7 +20,16 @@ def _ort_provider(device: str) -> str:
         return "cuda"
     if device == "tensorrt":
         return "tensorrt"
-    raise ValueError(f"unknown device {device!r}: use cpu, cuda or tensorrt (ONNX Runtime's TensorRT provider)")
+    raise InputError(f"unknown device {echo(device)}: use cpu, cuda[:N] or tensorrt (ONNX Runtime's TensorRT provider)")
+
+
+def device_index(device: str) -> int:
+    if not isinstance(device, str):
+        raise InputError(f"device must be a string such as 'cpu' or 'cuda:0', got {echo(device)}")
+    _, _, index = device.partition(":")
+    if index and not index.isdigit():
+        raise InputError(f"device {echo(device)}: the part after ':' must be a GPU number, e.g. cuda:0")
+    return int(index) if index else 0
 
 
 def open_engines(folder: Path, *, backend: str = "onnxruntime", device: str = "cpu", threads: int | None = None,
@@ -31,20 +42,29 @@ def open_engines(folder: Path, *, backend: str = "onnxruntime", device: str = "c
 
     threads = use_threads(threads)
     folder = Path(folder)
+    device_index(device)
+    if threads is not None:
+        integer(threads, "threads", 1, 1024)
     if (folder / "engines.json").exists():
         from .folder import open_engine_folder
 
         return open_engine_folder(folder, device=device, threads=threads, layers=layers)
     if not (folder / MANIFEST).exists():
-        raise FileNotFoundError(f"{folder} holds neither an export ({MANIFEST}) nor engines (engines.json): "
+        raise MissingFileError(f"{folder} holds neither an export ({MANIFEST}) nor engines (engines.json): "
                                 "create one with `dlexport export` or `dlexport build`")
     if backend != "onnxruntime":
-        raise ValueError(f"{folder} is an ONNX export; backend {backend!r} needs engines built with "
+        raise InputError(f"{folder} is an ONNX export; backend {backend!r} needs engines built with "
                          f"`dlexport build --from-export {folder} --backend {backend}`")
     manifest = Manifest.load(folder)
+    if layers is not None:
+        from ..checks import layer_list
+
+        layers = layer_list(sorted(set(layers)) if isinstance(layers, (set, frozenset)) else layers,
+                            manifest.num_layers, "layers")
     names = ["embed", "head"] + [manifest.layer_key(i) for i in (range(manifest.num_layers) if layers is None else layers)]
     manifest.verify_files(names)
-    device_id = int(device.split(":")[1]) if ":" in device else 0
+    manifest.check_graphs(names[2:3])
+    device_id = device_index(device)
     config = OrtConfig(provider=_ort_provider(device.split(":")[0]), threads=threads, opt_level=opt_level,
                        device_id=device_id)
     engines = {}

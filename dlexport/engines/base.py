@@ -6,11 +6,12 @@ from abc import ABC, abstractmethod
 import torch
 
 from ..contract import TensorSpec
+from ..errors import UnavailableError
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
 
 
-class BackendUnavailableError(RuntimeError):
+class BackendUnavailableError(UnavailableError):
     """A requested backend or execution provider is not installed or has no device here."""
 
 

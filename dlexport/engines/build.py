@@ -10,7 +10,9 @@ import hashlib
 import shutil
 from pathlib import Path
 
-from ..files import Journal, atomic_path, is_whole, read_json, sha256_file, write_bytes_atomic, write_json_atomic
+from ..errors import DlexportError, InputError
+from ..files import (Journal, OwnedFolder, atomic_path, check_apart, is_whole, read_json, sha256_file,
+                     write_bytes_atomic, write_json_atomic)
 from ..manifest import Manifest
 from .base import BackendUnavailableError
 from .folder import ENGINES_JSON, FORMAT, FORMAT_VERSION, PLAN_FILE, TIMING_CACHE, TOKENIZER
@@ -25,7 +27,7 @@ def choose_backend(requested: str) -> tuple[str, str]:
     """Resolve ``auto`` (TensorRT where it imports and has a GPU to build for, else ONNX Runtime); say why."""
     if requested != "auto":
         if requested not in BUILD_BACKENDS:
-            raise ValueError(f"unknown --backend {requested!r}; choose one of {', '.join(BUILD_BACKENDS)}")
+            raise InputError(f"unknown --backend {requested!r}; choose one of {', '.join(BUILD_BACKENDS)}")
         return requested, f"{requested} was asked for"
     from .tensorrt.compat import FLAVOURS, RTX_DEFAULT_CAPABILITIES, device_capability, load_flavour, runs_on
 
@@ -54,9 +56,13 @@ def source_digest(files: list[dict]) -> str:
 
 
 def _still_whole(out: Path, entry: dict | None, source: str) -> bool:
-    if not entry or entry.get("source_sha256") != source:
+    if not isinstance(entry, dict) or entry.get("source_sha256") != source:
         return False
-    return is_whole(out / entry["file"], entry["size"], entry["sha256"])
+    try:
+        return (out / entry["file"]).resolve().is_relative_to(out.resolve()) and \
+            is_whole(out / entry["file"], entry["size"], entry["sha256"])
+    except (KeyError, TypeError, OSError):  # a malformed entry is rebuilt, not trusted
+        return False
 
 
 def _subgraph_names(manifest: Manifest, plan) -> list[str]:
@@ -114,7 +120,7 @@ class _OrtBackend:
         import onnxruntime
 
         if precision != manifest.dtype:
-            raise ValueError(f"ONNX Runtime runs the graph in its exported dtype ({manifest.dtype}), not {precision}: "
+            raise InputError(f"ONNX Runtime runs the graph in its exported dtype ({manifest.dtype}), not {precision}: "
                              f"export at that precision (`dlexport export --dtype ...`) or drop --precision")
         from . import _ort_provider
 
@@ -143,22 +149,26 @@ class _OrtBackend:
 
 def build_engines(export_dir: Path | str, out: Path | str, *, plan=None, backend: str = "auto",
                   precision: str | None = None, ort_device: str = "cpu", share_timing_cache: bool = True,
-                  progress: bool = True, log=print, **trt_options) -> dict:
+                  overwrite: bool = False, progress: bool = True, log=print, **trt_options) -> dict:
     """Build the engines ``plan`` needs (all layers when None) from an export into ``out``; returns engines.json.
 
     ``trt_options``: target, workspace_gib, optimization_level, max_batch, max_prompt, max_context,
-    max_decode_tokens, compute_capabilities (see ``tensorrt.config.settings_for``).
+    max_decode_tokens, compute_capabilities (see ``tensorrt.config.settings_for``). ``out`` must be new, empty or
+    an engine folder of the same model (``overwrite``: of another model; only dlexport's files there are replaced).
     """
     from tqdm.auto import tqdm
 
     manifest = Manifest.load(export_dir)
     out = Path(out)
-    if out.resolve() == manifest.folder.resolve():
-        raise ValueError("--out must be a folder of its own, not the export folder")
+    check_apart(out, [manifest.folder])
+    OwnedFolder.inspect(out, "engines", legacy=_legacy_engines)
     if plan is not None:
+        plan.check()
         plan.check_model(manifest)
     backend, reason = choose_backend(backend)
     log(f"backend: {backend} ({reason})")
+    if precision is not None and precision not in _DTYPE:
+        raise InputError(f"precision {precision!r} is not one of fp32, fp16, bf16")
     precision = _DTYPE[precision] if precision else manifest.dtype
     names = _subgraph_names(manifest, plan)
     manifest.verify_files(names)
@@ -171,7 +181,9 @@ def build_engines(export_dir: Path | str, out: Path | str, *, plan=None, backend
         builder = _TrtBackend(backend, manifest, out, precision, trt_options, share_timing_cache)
 
     identity = {"fingerprint": manifest.fingerprint, **builder.identity()}
-    out.mkdir(parents=True, exist_ok=True)
+    own = OwnedFolder.claim(out, "engines", manifest.fingerprint, overwrite=overwrite, inputs=[manifest.folder],
+                            legacy=_legacy_engines)
+    own.add(JOURNAL, ENGINES_JSON, PLAN_FILE, TIMING_CACHE)
     journal = Journal(out / JOURNAL, identity)
     previous = _previous_entries(out, identity)
     builder.start()
@@ -184,6 +196,7 @@ def build_engines(export_dir: Path | str, out: Path | str, *, plan=None, backend
         entry = journal.get(name) or previous.get(name)
         if not _still_whole(out, entry, source):
             file = name + builder.suffix
+            own.add(file)
             built = builder.build(name, out / file)
             entry = {"file": file, "size": (out / file).stat().st_size, "sha256": sha256_file(out / file),
                      "source_sha256": source, "inputs": sub["inputs"], "outputs": sub["outputs"], **built}
@@ -193,6 +206,7 @@ def build_engines(export_dir: Path | str, out: Path | str, *, plan=None, backend
 
     if manifest.tokenizer_dir() is not None and manifest.tokenizer_dir().exists():
         shutil.copytree(manifest.tokenizer_dir(), out / TOKENIZER, dirs_exist_ok=True)
+        own.add_tree(TOKENIZER)
     manifest_data = dict(manifest.data, tokenizer=TOKENIZER if (out / TOKENIZER).exists() else None)
     if plan is not None:
         plan.save(out / PLAN_FILE)
@@ -201,15 +215,27 @@ def build_engines(export_dir: Path | str, out: Path | str, *, plan=None, backend
             "plan": plan.to_json() if plan is not None else None, "engines": entries}
     write_json_atomic(out / ENGINES_JSON, data)
     journal.remove()
+    own.forget_missing()
     log(f"built {rebuilt} engine(s), reused {len(names) - rebuilt}, into {out}")
     return data
+
+
+def _legacy_engines(folder: Path):
+    """An engine folder written before ownership markers: its model and the files engines.json accounts for."""
+    from .folder import load_engine_index
+
+    data = load_engine_index(folder)
+    files = [e["file"] for e in data["engines"].values()] + [ENGINES_JSON, JOURNAL, PLAN_FILE, TIMING_CACHE,
+                                                             "profile.json"]
+    files += [p.relative_to(folder).as_posix() for p in (folder / TOKENIZER).rglob("*") if p.is_file()]
+    return data["manifest"]["fingerprint"], files
 
 
 def _previous_entries(out: Path, identity: dict) -> dict:
     """Entries of a finished build into ``out`` with the same identity: a re-run reuses them."""
     try:
         old = read_json(out / ENGINES_JSON, "engines.json")
-    except (FileNotFoundError, ValueError):
+    except (DlexportError, FileNotFoundError, ValueError):
         return {}
     return old.get("engines", {}) if old.get("build") == identity else {}
 
@@ -224,12 +250,16 @@ def build_from_model(model: str, out: Path | str, *, export_dir: Path | str | No
 
     out = Path(out)
     export_dir = Path(export_dir) if export_dir else out.parent / f"{out.name}-export"
+    check_apart(out, [export_dir])
+    OwnedFolder.inspect(out, "engines")
     resolved, _ = choose_backend(backend)
     if precision is None:
         precision = "fp32" if resolved == "onnxruntime" else \
             {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[
                 PRESETS[options.get("target") or DEFAULT_TARGET[resolved]].precision]
     source = f"random:{model}:seed0" if random_weights else model
+    if precision not in _DTYPE:
+        raise InputError(f"precision {precision!r} is not one of fp32, fp16, bf16")
     if _reusable_export(export_dir, source, _DTYPE[precision]):
         log(f"reusing the export in {export_dir}")
     else:
@@ -245,7 +275,7 @@ def _reusable_export(export_dir: Path, source: str, dtype: str) -> bool:
     """An export of the same model at the same dtype is already there (re-exporting would redo every subgraph)."""
     try:
         manifest = Manifest.load(export_dir)
-    except (FileNotFoundError, ValueError):
+    except (DlexportError, FileNotFoundError, ValueError):
         return False
     if manifest.data.get("source") != source or manifest.dtype != dtype:
         return False

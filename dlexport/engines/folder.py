@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import CorruptFileError, InputError, MissingFileError, echo
 from ..files import read_json, sha256_file
 from ..manifest import Manifest
 from .base import Engine
@@ -54,12 +55,38 @@ def rebuild_hint(folder: Path, data: dict) -> str:
 
 
 def load_engine_index(folder: Path) -> dict:
-    data = read_json(folder / ENGINES_JSON, "engine index")
+    """engines.json, checked: its fields, the manifest inside it, and one entry per engine the manifest allows."""
+    path = folder / ENGINES_JSON
+    data = read_json(path, "engine index")
     if data.get("format") != FORMAT:
-        raise ValueError(f"{folder / ENGINES_JSON} is not a dlexport engine index")
+        raise CorruptFileError(f"{path} is not a dlexport engine index (format {echo(data.get('format'))})")
     if data.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{folder} holds engine folder format {data.get('format_version')}, this dlexport reads "
-                         f"{FORMAT_VERSION}: {rebuild_hint(folder, data)}")
+        raise CorruptFileError(f"{folder} holds engine folder format {echo(data.get('format_version'))}, this "
+                               f"dlexport reads {FORMAT_VERSION}: {rebuild_hint(folder, data)}")
+    hint = f"the index is damaged or was edited: {rebuild_hint(folder, data)}"
+    if not isinstance(data.get("manifest"), dict) or not isinstance(data.get("engines"), dict) \
+            or not isinstance(data.get("settings"), dict) or data.get("backend") not in ("onnxruntime", "tensorrt",
+                                                                                          "tensorrt-rtx"):
+        raise CorruptFileError(f"{path}: 'manifest', 'engines', 'settings' or 'backend' is missing or malformed; {hint}")
+    manifest = Manifest(folder, data["manifest"])
+    manifest.check(f"{path} (its 'manifest')")
+    known = {"embed", "head", *(manifest.layer_key(i) for i in range(manifest.num_layers))}
+    for name, entry in data["engines"].items():
+        if name not in known:
+            raise CorruptFileError(f"{path}: engine {echo(name)} is not a subgraph of this model; {hint}")
+        if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("size"), int)
+                and isinstance(entry.get("sha256"), str) and isinstance(entry.get("source_sha256"), str)
+                and isinstance(entry.get("inputs"), list) and isinstance(entry.get("outputs"), list)):
+            raise CorruptFileError(f"{path}: engine {name!r} lacks its file, size, sha256, source_sha256, inputs or "
+                                   f"outputs; {hint}")
+        if not (folder / entry["file"]).resolve().is_relative_to(folder.resolve()):
+            raise CorruptFileError(f"{path}: engine {name!r} names a file outside the folder; {hint}")
+        if entry["inputs"] != manifest.subgraph(name)["inputs"] or \
+                entry["outputs"] != manifest.subgraph(name)["outputs"]:
+            raise CorruptFileError(f"{path}: engine {name!r} has other inputs/outputs than its manifest entry; {hint}")
+    missing = [n for n in ("embed", "head") if n not in data["engines"]]
+    if missing:
+        raise CorruptFileError(f"{path} has no {' or '.join(missing)} engine; {hint}")
     return data
 
 
@@ -72,13 +99,13 @@ def check_engine_files(folder: Path, data: dict, names: list[str]) -> None:
         entry = data["engines"][name]
         path = folder / entry["file"]
         if not path.exists():
-            raise FileNotFoundError(f"{path} is missing from the engine folder: {hint}")
+            raise MissingFileError(f"{path} is missing from the engine folder: {hint}")
         if path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
-            raise ValueError(f"{path} does not match engines.json (size or sha256 differ): the file is corrupt or "
+            raise CorruptFileError(f"{path} does not match engines.json (size or sha256 differ): the file is corrupt or "
                              f"was replaced; {hint}")
         graph = source_digest(data["manifest"]["subgraphs"][name]["files"])
         if entry["source_sha256"] != graph:
-            raise ValueError(f"engine {name} was built from another ONNX graph (sha256 {entry['source_sha256'][:12]}…) "
+            raise CorruptFileError(f"engine {name} was built from another ONNX graph (sha256 {entry['source_sha256'][:12]}…) "
                              f"than this folder's manifest names ({graph[:12]}…); {hint}")
 
 
@@ -92,10 +119,12 @@ def open_engine_folder(folder: Path, *, device: str = "cpu", threads: int | None
     if layers is None:
         wanted = built
     else:
-        wanted = [manifest.layer_key(i) for i in layers]
+        from ..checks import layer_list
+
+        wanted = [manifest.layer_key(i) for i in layer_list(layers, manifest.num_layers, "layers")]
         missing = [n for n in wanted if n not in data["engines"]]
         if missing:
-            raise ValueError(f"{folder} has no engines for {', '.join(missing)} (it holds {', '.join(built)}): build "
+            raise InputError(f"{folder} has no engines for {', '.join(missing)} (it holds {', '.join(built)}): build "
                              "them with `dlexport build --plan` for a plan that runs those layers")
     names = ["embed", "head"] + wanted
     check_engine_files(folder, data, names)
@@ -109,19 +138,36 @@ def open_engine_folder(folder: Path, *, device: str = "cpu", threads: int | None
 
 def _open_ort(folder: Path, data: dict, names: list[str], device: str, threads: int | None) -> dict[str, Engine]:
     from ..contract import TensorSpec
-    from . import _ort_provider
+    from . import _ort_provider, device_index
     from .onnxruntime import OrtConfig, OrtEngine
 
     provider = _ort_provider(device.split(":")[0])
     built_for = data["settings"]["provider"]
     if provider != built_for:
-        raise ValueError(f"{folder} holds graphs optimised for ONNX Runtime's {built_for} provider, and device "
+        raise InputError(f"{folder} holds graphs optimised for ONNX Runtime's {built_for} provider, and device "
                          f"{device!r} uses {provider}: optimised graphs are provider-specific; rebuild with "
                          f"`dlexport build --backend onnxruntime --device {device}`")
-    device_id = int(device.split(":")[1]) if ":" in device else 0
+    device_id = device_index(device)
     # The graphs are optimised already: loading them with optimisation off is what makes loading fast.
     config = OrtConfig(provider=provider, threads=threads, opt_level="disable", device_id=device_id)
     return {name: OrtEngine(name, folder / data["engines"][name]["file"],
                             [TensorSpec.from_json(s) for s in data["engines"][name]["inputs"]],
                             [TensorSpec.from_json(s) for s in data["engines"][name]["outputs"]], config)
             for name in names}
+
+
+def describe_engine_folder(folder: Path) -> str:
+    """A readable summary of an engine folder: what it was built from, with which backend, for which plan."""
+    folder = Path(folder)
+    data = load_engine_index(folder)
+    m = Manifest(folder, data["manifest"])
+    layers = [i for i in range(m.num_layers) if m.layer_key(i) in data["engines"]]
+    size = sum(e["size"] for e in data["engines"].values())
+    plan = data.get("plan") or {}
+    return "\n".join([
+        f"engine folder {folder}",
+        f"  source       {m.data.get('source')}  (fingerprint {m.fingerprint}), {m.num_layers} layers",
+        f"  backend      {data['backend']} {data.get('build', {}).get('version', '')}, precision {data.get('precision')}",
+        f"  engines      embed, head and {len(layers)} layer(s) {layers}, {size / 1e6:.1f} MB",
+        f"  plan         {plan.get('name') or ('built for a plan' if plan else 'none: every layer')}",
+    ])

@@ -21,6 +21,8 @@ from __future__ import annotations
 import os
 import threading
 
+from ..errors import InputError
+
 _lock = threading.Lock()
 _pool_size: int | None = None  # size of this process's shared ONNX Runtime pool, once created
 
@@ -38,7 +40,7 @@ def resolve_threads(threads: int | None) -> int:
     if threads is None:
         return _pool_size or default_threads()
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be a whole number >= 1 (or None for the default, {default_threads()} here); "
+        raise InputError(f"threads must be a whole number >= 1 (or None for the default, {default_threads()} here); "
                          f"got {threads!r}")
     return threads
 
@@ -61,7 +63,7 @@ def claim(threads: int) -> bool:
             onnxruntime.set_global_thread_pool_sizes(threads, 1)
             _pool_size = threads
         if _pool_size != threads:
-            raise ValueError(
+            raise InputError(
                 f"threads={threads} asked for, but this process already runs ONNX Runtime on a shared pool of "
                 f"{_pool_size} threads, which ONNX Runtime cannot resize or leave: load with threads={_pool_size} or "
                 f"threads=None, or run the {threads}-thread setting in another process (`dlexport bench "

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..files import Journal, is_whole, sha256_file
+from ..errors import DlexportError, FolderError, InputError
+from ..files import Journal, OwnedFolder, is_whole, read_json, sha256_file
 from ..manifest import FORMAT, FORMAT_VERSION, MANIFEST, Manifest, layer_name, model_fingerprint
 from .architectures import Architecture, TensorSpec, architecture_for
 from ..contract import KV_FLAVOURS, PAST_LENGTH
@@ -23,8 +24,7 @@ JOURNAL = ".export-progress.json"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class ExportDirError(RuntimeError):
-    pass
+ExportDirError = FolderError  # the name older code catches
 
 
 @dataclass
@@ -180,31 +180,36 @@ def _files_of(folder: Path, rel: str) -> list[dict]:
     return [{"path": f, "size": (folder / f).stat().st_size, "sha256": sha256_file(folder / f)} for f in files]
 
 
+def _legacy_export(folder: Path):
+    """An export written before ownership markers: its identity and the files its manifest accounts for."""
+    data = Manifest.load(folder).data
+    files = [f["path"] for s in data["subgraphs"].values() for f in s["files"]] + [MANIFEST, JOURNAL, "profile.json"]
+    if data.get("tokenizer"):
+        files += [p.relative_to(folder).as_posix() for p in (folder / "tokenizer").rglob("*") if p.is_file()]
+    return {k: data.get(k) for k in ("fingerprint", "dtype", "opset", "format_version")}, files
+
+
 def _still_whole(folder: Path, facts) -> bool:
-    return bool(facts) and all(is_whole(folder / f["path"], f["size"], f["sha256"]) for f in facts)
-
-
-def _check_out_dir(out: Path, identity: dict, overwrite: bool) -> dict:
-    """Refuse to mix two models' files in one folder; return the subgraph entries of an export of the same model."""
-    manifest = out / MANIFEST
-    if not manifest.exists():
-        return {}
     try:
-        old = Manifest.load(out).data
-    except (ValueError, FileNotFoundError):
-        old = {}
-    same = {k: old.get(k) for k in identity} == identity
-    if same:
-        return old.get("subgraphs", {})
-    if not overwrite:
-        raise ExportDirError(
-            f"{out} holds an export of another model or setting (source {old.get('source')!r}, fingerprint "
-            f"{old.get('fingerprint')}, dtype {old.get('dtype')}, opset {old.get('opset')}, kv "
-            f"{old.get('kv', 'portable')}); this export is "
-            f"{identity}. Choose another --out, or pass --overwrite to replace it."
-        )
-    shutil.rmtree(out)
-    return {}
+        return bool(facts) and all(is_whole(folder / f["path"], f["size"], f["sha256"]) for f in facts)
+    except (KeyError, TypeError, OSError):  # a malformed entry is redone, not trusted
+        return False
+
+
+def _previous_entries(out: Path, identity: dict) -> dict:
+    """The subgraph entries of a finished export of the same model in ``out`` (a re-run reuses its files).
+
+    Read without Manifest's checks: an entry from an older I/O contract is still a hint, redone below when its I/O
+    differs; each reused file is checked against its size and sha256.
+    """
+    try:
+        old = read_json(out / MANIFEST, "export manifest")
+    except DlexportError:
+        return {}
+    subs = old.get("subgraphs")
+    if not isinstance(subs, dict) or {k: old.get(k) for k in identity} != identity:
+        return {}
+    return {name: entry for name, entry in subs.items() if isinstance(entry, dict)}
 
 
 def export(
@@ -233,20 +238,22 @@ def export(
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     out = Path(out)
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+        raise InputError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
     if kv not in KV_FLAVOURS:
-        raise ValueError(f"kv {kv!r} is not one of {', '.join(KV_FLAVOURS)}")
+        raise InputError(f"kv {kv!r} is not one of {', '.join(KV_FLAVOURS)}")
+    inputs = [model] if isinstance(model, (str, Path)) and Path(model).exists() else []
+    OwnedFolder.inspect(out, "export", legacy=_legacy_export)  # refuse a folder not ours before loading the model
     loaded = model if isinstance(model, LoadedModel) else load_model(model, random_weights=random_weights)
     fingerprint = model_fingerprint(loaded.model)
     loaded.model.to(_DTYPES[dtype]).eval()
     arch = architecture_for(loaded.model)
     identity = {"fingerprint": fingerprint, "dtype": arch.float_dtype(), "opset": opset, "kv": kv,
                 "format_version": FORMAT_VERSION}
-    finished = _check_out_dir(out, identity, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    own = OwnedFolder.claim(out, "export", identity, overwrite=overwrite, inputs=inputs, legacy=_legacy_export)
+    finished = _previous_entries(out, identity)
+    own.add(JOURNAL, MANIFEST)
     journal = Journal(out / JOURNAL, identity)
     staging = out / ".partial"
-    shutil.rmtree(staging, ignore_errors=True)
 
     entries = {}
     traces = LayerTraces(arch, opset) if reuse_traces else None
@@ -260,6 +267,7 @@ def export(
         same_io = {k: previous.get(k) for k in io} == io  # a file from an older I/O contract is redone
         facts = journal.get(sub.name) or (previous.get("files") if same_io else None)
         if not _still_whole(out, facts):
+            own.add(sub.file, sub.file + ".data")
             tmp = staging / sub.file
             export_subgraph(arch, sub, tmp, opset, traces)
             # move data first, the .onnx last, then record: an interrupted step is redone, never trusted
@@ -276,6 +284,7 @@ def export(
     tokenizer = None
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(out / "tokenizer")
+        own.add_tree("tokenizer")
         tokenizer = "tokenizer"
 
     manifest = Manifest(out, {
@@ -292,6 +301,7 @@ def export(
     })
     manifest.save()
     journal.remove()
+    own.forget_missing()
     seconds = time.perf_counter() - t0
     reused = f"; layer graphs: {traces.traced} traced, {traces.reused} from a trace of their structure" if traces else ""
     log(f"exported {len(entries)} subgraphs of {loaded.source} to {out} in {seconds:.1f} s{reused}")

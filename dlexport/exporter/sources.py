@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import DlexportError
+
 EMBEDDED_DEFAULT = "smollm2-135m"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -70,7 +72,7 @@ QUIET_SHAPES: dict[str, tuple[str, int, float]] = {
 RANDOM_SHAPES.update({name: RANDOM_SHAPES[base] for name, (base, _, _) in QUIET_SHAPES.items()})
 
 
-class ModelSourceError(RuntimeError):
+class ModelSourceError(DlexportError, RuntimeError):
     pass
 
 

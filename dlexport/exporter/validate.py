@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import DlexportError
 from ..manifest import Manifest
 from ..contract import PAST_LENGTH
 from .architectures import (architecture_for, past_key_name, past_value_name, present_key_name, present_value_name,
@@ -22,7 +23,7 @@ TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
 END_TO_END_TOKENS = 32
 
 
-class ValidationError(AssertionError):
+class ValidationError(DlexportError, AssertionError):
     pass
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ..files import Journal, write_json_atomic
+from ..errors import InputError
+from ..files import Journal, OwnedFolder, check_apart, write_json_atomic
 from ..runtime.plan import load_plan
 from .adapters import fit_adapters
 from .calibrate import TextConfig, open_export
@@ -40,7 +41,7 @@ def _ladder(o, splits, ladder_plan, out: Path, progress: bool):
     if ladder_plan is not None:
         plan = load_plan(ladder_plan, o.manifest)
         if len(plan.ladder) != n:
-            raise ValueError(f"{ladder_plan} has {len(plan.ladder)} ladder rungs, not one per depth ({n}): make it "
+            raise InputError(f"{ladder_plan} has {len(plan.ladder)} ladder rungs, not one per depth ({n}): make it "
                              "with `dlexport plan calibrate`, or leave out --plan to run greedy removal here")
         return plan.ladder, {"from": str(ladder_plan), **{k: plan.calibration.get(k) for k in ("metric", "text")}}
     ids = splits["calibration"]
@@ -61,8 +62,11 @@ def analyze(export_dir, out, *, text: TextConfig = TextConfig(), ladder_plan=Non
             progress: bool = True, log=print) -> dict:
     t0 = time.perf_counter()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_apart(out, [export_dir])
+    OwnedFolder.inspect(out, "analysis")
     o = open_export(export_dir, loaded)
+    own = OwnedFolder.claim(out, "analysis", o.manifest.fingerprint, overwrite=None, inputs=[export_dir])
+    own.add("report.json", "report.md", "analyze.png", ".greedy-progress.json")
     n = o.stack.num_layers
     costs, cost_note = costs_for(export_dir, o.stack, profile)
     splits = load_splits(o.tokenizer, text.sizes(adapter=adapter_seqs), text.seq_len, text.data or None, text.seed,

@@ -8,8 +8,11 @@ from pathlib import Path
 
 import torch
 
-from ..files import Journal
+from ..checks import integer, number
+from ..errors import InputError
+from ..files import Journal, OwnedFolder, check_replaceable
 from ..manifest import Manifest, model_fingerprint
+from ..runtime.plan import FORMAT as PLAN_FORMAT
 from ..runtime.plan import Plan
 from .greedy import GreedyRemoval, even_layers, evaluate
 from .stack import Stack, vocab_subset
@@ -25,6 +28,12 @@ class TextConfig:
     eval_seqs: int = 16
     data: tuple = ()  # files or folders; empty: prose on this machine
     seed: int = 0
+
+    def __post_init__(self):
+        integer(self.seq_len, "--seq-len", 2, 1 << 16)
+        integer(self.calib_seqs, "--calib-seqs", 1, 1 << 20)
+        integer(self.eval_seqs, "--eval-seqs", 1, 1 << 20)
+        integer(self.seed, "seed", 0, None)
 
     def sizes(self, **extra) -> dict[str, int]:
         return {"calibration": self.calib_seqs, "evaluation": self.eval_seqs, **extra}
@@ -47,7 +56,7 @@ def open_export(export_dir, loaded=None) -> Opened:
     loaded = loaded or load_source(manifest.data["source"])
     fp = model_fingerprint(loaded.model)
     if fp != manifest.fingerprint:
-        raise ValueError(f"the model loaded from source {manifest.data['source']!r} has fingerprint {fp}, but "
+        raise InputError(f"the model loaded from source {manifest.data['source']!r} has fingerprint {fp}, but "
                          f"{export_dir} was exported from fingerprint {manifest.fingerprint}: the source changed "
                          "since the export; re-export it so that plans match the engines")
     tokenizer, name = tokenizer_for(manifest, loaded)
@@ -84,10 +93,10 @@ class _Steps:
 
 def target_depth(num_layers: int, target_layers: int | None, target_fraction: float | None) -> int:
     if (target_layers is None) == (target_fraction is None):
-        raise ValueError("give exactly one of --target-layers K or --target-fraction F")
+        raise InputError("give exactly one of --target-layers K or --target-fraction F")
     k = target_layers if target_layers is not None else round(target_fraction * num_layers)
     if not 1 <= k <= num_layers:
-        raise ValueError(f"target of {k} layers is outside 1..{num_layers} for this model: pick a depth in range")
+        raise InputError(f"target of {k} layers is outside 1..{num_layers} for this model: pick a depth in range")
     return k
 
 
@@ -102,6 +111,7 @@ def calibrate_skip(export_dir, out, *, target_layers: int | None = None, target_
     """
     t0 = time.perf_counter()
     out = Path(out)
+    check_replaceable(out, PLAN_FORMAT, "-o")
     o = open_export(export_dir, loaded)
     n = o.stack.num_layers
     k = target_depth(n, target_layers, target_fraction)
@@ -151,7 +161,7 @@ def calibrate_exit(export_dir, out, *, target_agreement: float, text: TextConfig
     candidate: when every policy costs more than the full model (head checks included), the plan has no exit and
     says so. ``head_cost`` (in layers) overrides the cost model, e.g. to study a cheaper head.
     """
-    from .adapters import ExitAdapter, export_adapter, fit_adapters
+    from .adapters import ExitAdapter, adapter_file, export_adapter, fit_adapters
     from .costs import Costs, costs_for
     from .exits import FEATURES, Signals, collect_signals, search
     from .exits import evaluate as evaluate_policy
@@ -159,8 +169,8 @@ def calibrate_exit(export_dir, out, *, target_agreement: float, text: TextConfig
 
     t0 = time.perf_counter()
     out = Path(out)
-    if not 0.0 < target_agreement <= 1.0:
-        raise ValueError(f"--target-agreement {target_agreement} must lie in (0, 1]")
+    number(target_agreement, "--target-agreement", 0.0, 1.0, lo_open=True)
+    check_replaceable(out, PLAN_FORMAT, "-o")
     o = open_export(export_dir, loaded)
     n = o.stack.num_layers
     costs, note = costs_for(export_dir, o.stack, profile)
@@ -187,6 +197,9 @@ def calibrate_exit(export_dir, out, *, target_agreement: float, text: TextConfig
     exit_policy, refs = None, ()
     if best.layers:
         if fitted:
+            own = OwnedFolder.claim(out.parent / "adapters", "exit adapters", o.manifest.fingerprint,
+                                    overwrite=None, inputs=[export_dir], what="the adapters folder")
+            own.add(*(Path(adapter_file(i)).name for i in best.layers))
             refs = tuple(AdapterRef(**export_adapter(o.stack, fitted[i], i, out.parent)) for i in best.layers)
         w, b = best.classifier or ((), 0.0)
         exit_policy = ExitPolicy(best.layers, best.criterion, best.threshold,

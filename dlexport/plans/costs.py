@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import InputError
+
 
 @dataclass(frozen=True)
 class Costs:
@@ -47,7 +49,7 @@ def _from_profile(path: Path, num_layers: int, context: int = 256) -> Costs:
     layers = [e["engine"] for e in table.entries if e["phase"] == "decode" and e["engine"].startswith("layer_")]
     layers = list(dict.fromkeys(layers))
     if not layers:
-        raise ValueError("no decode entries for layer engines")
+        raise InputError("no decode entries for layer engines")
     layer_ms = sum(table.cost(name, "decode", context) for name in layers) / len(layers)
     return Costs(layer_ms, table.cost("head", "decode", context), "ms",
                  f"{path} (decode, context {context}, mean of {len(layers)}/{num_layers} layers)")

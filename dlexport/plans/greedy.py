@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import InputError
 from .stack import Scores, Stack
 
 METRICS = ("ppl", "agreement")
@@ -44,7 +45,7 @@ class GreedyRemoval:
     def __init__(self, stack: Stack, ids: torch.Tensor, metric: str = "ppl", rescore: int = 0,
                  vocab: torch.Tensor | None = None, ref_top1: torch.Tensor | None = None):
         if metric not in METRICS:
-            raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+            raise InputError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
         self.stack, self.ids, self.metric, self.rescore, self.vocab = stack, ids, metric, rescore, vocab
         with torch.inference_mode():
             self.emb, self.extras = stack.embed(ids)

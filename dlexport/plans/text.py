@@ -13,11 +13,13 @@ from pathlib import Path
 
 import torch
 
+from ..errors import InputError
+
 DEFAULT_SOURCES = (Path("/usr/share/common-licenses"), Path("/usr/share/doc"))
 _DOC_NAMES = ("readme", "changelog", "news", "copyright", "authors", "history", "faq", "todo")
 
 
-class NotEnoughTextError(ValueError):
+class NotEnoughTextError(InputError):
     pass
 
 

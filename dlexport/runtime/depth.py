@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from .. import checks
+from ..errors import InputError
 from .plan import Plan, PlanError
 from .runtime import Request
 from .speculative import decode
@@ -93,10 +95,12 @@ def generate_per_sequence(runtime, ids, valid, max_new_tokens: int, plan: Plan, 
                           controller: str = "prompt", rung: int = -1, threshold: float = 0.9):
     """Runtime.stream's body for strategy="per-sequence"."""
     if controller not in CONTROLLERS:
-        raise ValueError(f"unknown depth controller {controller!r}; choose {', '.join(CONTROLLERS)}")
+        raise InputError(f"unknown depth controller {controller!r}; choose {', '.join(CONTROLLERS)}")
     if controller == "oracle" and not sampling.greedy:
-        raise ValueError("the oracle controller compares outputs token for token, so it needs greedy decoding "
+        raise InputError("the oracle controller compares outputs token for token, so it needs greedy decoding "
                          "(temperature 0)")
+    checks.integer(rung, "rung", None, None)
+    checks.number(threshold, "threshold (prompt agreement a rung needs)")
     rungs, source = ladder_for(plan)
     runtime.profile, runtime._timings = profile, {}
     t0 = time.perf_counter()
@@ -119,7 +123,7 @@ def _rung_plan(runtime, plan: Plan, layers) -> Plan:
 
 def _fixed(runtime, ids, valid, n, plan, sampling, stops, rungs, *, rung, threshold):
     if not -len(rungs) <= rung < len(rungs):
-        raise ValueError(f"rung {rung} does not exist: this ladder has rungs 0..{len(rungs) - 1}")
+        raise InputError(f"rung {rung} does not exist: this ladder has rungs 0..{len(rungs) - 1}")
     rung %= len(rungs)
     req = Request(runtime, ids, valid, _rung_plan(runtime, plan, rungs[rung]), sampling, stops, n)
     return req, req.prefill(), {"rung": rung}

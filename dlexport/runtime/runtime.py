@@ -9,6 +9,7 @@ never the cache. With a batch, a token exits only when every row passes the crit
 """
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,19 +17,21 @@ from pathlib import Path
 
 import torch
 
+from .. import checks
 from ..engines import open_engines
 from ..engines.base import TORCH_DTYPES, Engine
 from ..engines.threads import resolve_threads
 from ..files import read_json
+from ..errors import InputError, echo
 from ..manifest import Manifest
 from ..contract import PAST_LENGTH, past_key_name, past_value_name, present_key_name, present_value_name
 from .exits import exit_score
 from .kv_cache import KVCache
-from .plan import Plan, load_plan
+from .plan import Plan, check_adapters, load_plan
 from .sampling import Sampling, pick
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(InputError):
     pass
 
 
@@ -156,38 +159,76 @@ class Runtime:
     def stream(self, prompts, max_new_tokens: int = 32, plan: Plan | None = None, *,
                sampling: Sampling = Sampling(), stop_tokens=None, profile: bool = False, strategy: str = "plain",
                **options) -> Iterator["StreamEvent"]:
-        """Yield one event per generated token; the last event carries the whole ``Generation``."""
+        """Yield one event per generated token; the last event carries the whole ``Generation``.
+
+        Every argument is checked before any work (and before the first event), each refusal an ``InputError``.
+        """
         plan = plan or self.default_plan or Plan.full(self.manifest)
+        if not isinstance(plan, Plan):
+            raise InputError(f"plan must be a Plan (Plan.skip, load_plan), got {type(plan).__name__}")
+        plan.check()
         plan.check_model(self.manifest)
+        if plan.exit and plan.exit.adapters:
+            check_adapters(plan.exit)
         missing = [i for i in plan.layers if self.layer_keys[i] not in self.engines]
         if missing:
-            raise ValueError(f"the plan runs layers {missing}, which this runtime did not load; load them with "
+            raise InputError(f"the plan runs layers {missing}, which this runtime did not load; load them with "
                              "Runtime.load(..., layers=None) or build engines for this plan")
+        checks.integer(max_new_tokens, "max_new_tokens", 1, self.max_positions,
+                       fix="ask for at least one new token, at most the model's context")
+        if not isinstance(sampling, Sampling):
+            raise InputError(f"sampling must be a Sampling(temperature, top_k, top_p, seed), got "
+                             f"{type(sampling).__name__}")
+        if not isinstance(profile, bool):
+            raise InputError(f"profile must be True or False, got {echo(profile)}")
+        vocab = self.manifest.arch["vocab_size"]
+        if stop_tokens is not None:
+            stop_tokens = _token_ids(stop_tokens, vocab, "stop_tokens")
         body = _strategy(strategy, options)
         ids, valid = self._encode(prompts)
         stops = set(self.eos if stop_tokens is None else stop_tokens)
+        return self._events(body, ids, valid, max_new_tokens, plan, sampling, stops, profile, options)
+
+    def _events(self, body, ids, valid, max_new_tokens, plan, sampling, stops, profile, options):
         with torch.inference_mode():
             yield from body(self, ids, valid, max_new_tokens, plan, sampling, stops, profile, **options)
 
     # -- preparing a request ------------------------------------------------------------------------------------
     def _encode(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        """Prompts: a str, a list of str, a list of token ids, or a list of such lists (tensors/arrays too)."""
+        if hasattr(prompts, "tolist") and not isinstance(prompts, (str, bytes)):
+            prompts = prompts.tolist()  # a torch tensor or numpy array of token ids
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and
+                                        isinstance(prompts[0], numbers.Integral)):
             prompts = [prompts]
+        if isinstance(prompts, (bytes, bytearray)) or not isinstance(prompts, (list, tuple)):
+            raise InputError(f"prompts must be a str, a list of str, or token ids (a list of ints, or a list of "
+                             f"such lists), got {type(prompts).__name__} {echo(prompts)}")
         if not prompts:
-            raise ValueError("no prompt given")
-        if isinstance(prompts[0], str):
+            raise InputError("no prompt given")
+        vocab = self.manifest.arch["vocab_size"]
+        if all(isinstance(p, str) for p in prompts):
             if self.tokenizer is None:
-                raise ValueError("this export has no tokenizer: pass token ids instead of text")
+                raise InputError("this export has no tokenizer: pass token ids instead of text")
+            for i, p in enumerate(prompts):
+                try:
+                    p.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise InputError(f"prompt {i} is not valid UTF-8 text (undecodable bytes at character "
+                                     f"{e.start}): pass it as UTF-8") from None
             rows = [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+        elif any(isinstance(p, str) for p in prompts):
+            raise InputError("prompts mix text and token ids: give all prompts the same way")
         else:
-            rows = [list(map(int, p)) for p in prompts]
+            rows = [_token_ids(p.tolist() if hasattr(p, "tolist") else p, vocab, f"prompt {i}")
+                    for i, p in enumerate(prompts)]
         if any(len(r) == 0 for r in rows):
-            raise ValueError("a prompt is empty: give at least one token")
+            raise InputError("a prompt is empty: give at least one token")
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.int64)
         valid = torch.zeros((len(rows), width), dtype=torch.bool)
         for b, r in enumerate(rows):
-            ids[b, width - len(r):] = torch.tensor(r)
+            ids[b, width - len(r):] = torch.tensor(r, dtype=torch.int64)
             valid[b, width - len(r):] = True
         return ids, valid
 
@@ -399,10 +440,26 @@ class Request:
 
 
 
+def _token_ids(row, vocab: int, what: str) -> list[int]:
+    """A list of token ids, each an int in [0, vocab): a negative id would wrap around, a large one crash the engine."""
+    if isinstance(row, (str, bytes, bytearray)) or not hasattr(row, "__iter__"):
+        raise InputError(f"{what} must be a list of token ids, got {type(row).__name__} {echo(row)}")
+    out = []
+    for j, t in enumerate(row):
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+            raise InputError(f"{what}[{j}] is {type(t).__name__} {echo(t)}; token ids are integers")
+        if not 0 <= t < vocab:
+            raise InputError(f"{what}[{j}] is token id {int(t)}, outside this model's vocabulary 0..{vocab - 1}")
+        out.append(int(t))
+    return out
+
+
 def _strategy(name: str, options: dict):
+    if not isinstance(name, str):
+        raise InputError(f"strategy must be a string, got {echo(name)}")
     if name == "plain":
         if options:
-            raise TypeError(f"strategy 'plain' takes no options, got {', '.join(options)}")
+            raise InputError(f"strategy 'plain' takes no options, got {', '.join(options)}")
         return Runtime._generate
     if name == "speculative":
         from .speculative import generate_speculative
@@ -410,5 +467,5 @@ def _strategy(name: str, options: dict):
     if name == "per-sequence":
         from .depth import generate_per_sequence
         return generate_per_sequence
-    raise ValueError(f"unknown strategy {name!r}; choose plain, speculative or per-sequence")
+    raise InputError(f"unknown strategy {echo(name)}; choose plain, speculative or per-sequence")
 

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import checks
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -12,6 +14,14 @@ class Sampling:
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+
+    def __post_init__(self):
+        """Refuse settings that would silently mean something else (a negative temperature, top_p of 2, NaN)."""
+        checks.number(self.temperature, "temperature", 0.0, None, fix="0 is greedy, higher values sample")
+        checks.integer(self.top_k, "top_k", 0, None, fix="0 keeps every token")
+        checks.number(self.top_p, "top_p", 0.0, 1.0, lo_open=True, fix="1 keeps every token")
+        if self.seed is not None:
+            checks.integer(self.seed, "seed", 0, 2**64 - 1)
 
     @property
     def greedy(self) -> bool:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import checks
 from .plan import Draft, Plan, PlanError
 from .runtime import Request, StepStats, StreamEvent, _Segment
 from .sampling import Sampling, pick, probabilities
@@ -242,6 +243,9 @@ def generate_speculative(runtime, ids, valid, max_new_tokens: int, plan: Plan, s
     if draft is None:
         raise PlanError("strategy 'speculative' needs draft layers: give the plan a 'draft' entry or pass "
                         "draft=Draft(layers=...) (CLI: --draft-layers)")
+    if not isinstance(draft, Draft):
+        raise PlanError(f"draft must be a Draft(layers, k, adaptive), got {type(draft).__name__}")
+    checks.layer_list(draft.layers, runtime.num_layers, "draft layers")
     spec = Speculator.for_plan(runtime, plan, draft)
     runtime.profile, runtime._timings = profile, {}
     req = Request(runtime, ids, valid, plan, sampling, stops, max_new_tokens)

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from ..engines.threads import use_threads
+from ..checks import integer
+from ..errors import InputError
 from ..manifest import Manifest
 from ..runtime import Plan, Runtime
 from .costs import CostTable
@@ -133,7 +135,7 @@ def _load_hf(manifest: Manifest, device: str):
 
     loaded = load_source(manifest.data["source"])
     if model_fingerprint(loaded.model) != manifest.fingerprint:
-        raise ValueError(f"the model {manifest.data['source']!r} loaded for the Hugging Face baseline is not the one "
+        raise InputError(f"the model {manifest.data['source']!r} loaded for the Hugging Face baseline is not the one "
                          f"exported to {manifest.folder} (fingerprints differ): re-export, or drop the hf and "
                          "onnx-mono baselines")
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[manifest.dtype]
@@ -145,7 +147,7 @@ def build_runs(folder: Path | str, plans: list[Plan], baselines=BASELINES, *, de
     """The named runs: each plan, the full model (always: it is the reference of every ratio), then baselines."""
     unknown = sorted(set(baselines) - set(BASELINES))
     if unknown:
-        raise ValueError(f"unknown baseline(s) {unknown}; choose from {', '.join(BASELINES)}")
+        raise InputError(f"unknown baseline(s) {unknown}; choose from {', '.join(BASELINES)}")
     runtime = Runtime.load(folder, device=device, threads=threads)
     manifest = runtime.manifest
     runs: dict[str, RunSpec] = {}
@@ -278,11 +280,15 @@ def run_bench(folder: Path | str, plans: list[Plan], *, baselines=BASELINES, pro
     """
     from .prompts import prose_prompts
 
+    for name, value in (("--prompt-tokens", prompt_tokens), ("--new-tokens", new_tokens), ("--repeats", repeats),
+                        ("--prompts", prompt_count)):
+        integer(value, name, 1, 1 << 20)
+    integer(warmup, "warmup", 0, 1 << 20)
     threads = use_threads(threads)
     runtime, runs = build_runs(folder, plans, baselines, device=device, threads=threads, mono_dir=mono_dir, log=log)
     for name, spec in (extra_runs(runtime) if extra_runs else {}).items():
         if name in runs:
-            raise ValueError(f"run name {name!r} is taken; give the extra run another name")
+            raise InputError(f"run name {name!r} is taken; give the extra run another name")
         runs[name] = spec
     manifest = runtime.manifest
     prompts = prose_prompts(prompt_count, prompt_tokens, runtime.tokenizer, manifest.arch["vocab_size"])

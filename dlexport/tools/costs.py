@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import CorruptFileError, InputError
 from ..files import read_json, write_json_atomic
 
 FORMAT, VERSION = "dlexport-profile", 1
@@ -27,9 +28,9 @@ def phase_shape(phase: str, context: int, engine: str, inplace: bool = False) ->
     """The symbolic dimension values an engine is timed with for ``phase`` at ``context`` (see module docstring),
     plus ``past_length`` (the value of an in-place layer's input of that name)."""
     if phase not in PHASES:
-        raise ValueError(f"unknown phase {phase!r}; choose one of {', '.join(PHASES)}")
+        raise InputError(f"unknown phase {phase!r}; choose one of {', '.join(PHASES)}")
     if context < 1:
-        raise ValueError(f"context {context} must be at least 1 token")
+        raise InputError(f"context {context} must be at least 1 token")
     tokens = context if phase == "prefill" and engine != "head" else 1
     if inplace:
         filled = 0 if phase == "prefill" else context
@@ -57,10 +58,10 @@ class CostTable:
     def load(cls, path: Path | str) -> "CostTable":
         data = read_json(Path(path), "profile")
         if data.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a dlexport profile (format {data.get('format')!r}); create one with "
+            raise CorruptFileError(f"{path} is not a dlexport profile (format {data.get('format')!r}); create one with "
                              "`dlexport profile DIR`")
         if data.get("version") != VERSION:
-            raise ValueError(f"{path} has profile version {data.get('version')}, this dlexport reads {VERSION}: "
+            raise CorruptFileError(f"{path} has profile version {data.get('version')}, this dlexport reads {VERSION}: "
                              "re-run `dlexport profile`")
         meta = {k: v for k, v in data.items() if k not in ("format", "version", "entries", "skipped")}
         return cls(data["entries"], meta, data.get("skipped", []))

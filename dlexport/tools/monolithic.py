@@ -22,7 +22,7 @@ from ..exporter.architectures import (TensorSpec, architecture_for, past_key_nam
                                       present_key_name, present_value_name)
 from ..exporter.architectures.base import BATCH, KEYS, PAST, TOKENS
 from ..exporter.onnx_export import DEFAULT_OPSET, Subgraph, example_inputs
-from ..files import read_json, write_json_atomic
+from ..files import OwnedFolder, read_json, write_json_atomic
 from ..manifest import Manifest
 from ..runtime.kv_cache import KVCache
 
@@ -126,6 +126,9 @@ def ensure_monolithic(manifest: Manifest, model_factory, folder: Path | None = N
         if (data.get("fingerprint"), data.get("dtype"), data.get("opset")) == (
                 manifest.fingerprint, manifest.dtype, manifest.data["opset"]):
             return folder
+    own = OwnedFolder.claim(folder, "monolithic export", [manifest.fingerprint, manifest.dtype, manifest.data["opset"]],
+                            overwrite=True, inputs=[manifest.folder], what="--mono-dir")
+    own.add(FILE, FILE + ".data", INFO)
     log(f"exporting the monolithic baseline graph to {folder} (once per model)")
     t0 = time.perf_counter()
     export_monolithic(model_factory(), folder, manifest.fingerprint, opset=manifest.data["opset"])

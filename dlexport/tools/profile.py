@@ -14,6 +14,7 @@ from ..contract import PAST_LENGTH, is_inplace
 from ..engines import open_engines
 from ..engines.base import TORCH_DTYPES, Engine
 from ..engines.threads import use_threads
+from ..errors import InputError
 from ..files import read_json
 from .costs import PHASES, CostTable, phase_shape
 from .environment import describe_device, versions
@@ -125,7 +126,7 @@ def run_profile(folder: Path | str, *, tool: str = "builtin", contexts=DEFAULT_C
                 threads: int | None = None, cuda_graph: bool = False, log=print) -> CostTable:
     """Dispatch to the chosen tool; ``trtexec`` needs an engine folder and the ``trtexec`` binary."""
     if tool not in TOOLS:
-        raise ValueError(f"unknown profiling tool {tool!r}; choose one of {', '.join(TOOLS)}")
+        raise InputError(f"unknown profiling tool {tool!r}; choose one of {', '.join(TOOLS)}")
     if tool == "trtexec":
         from .trtexec import profile_trtexec
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ..errors import InputError, MissingFileError
+
 LICENSES = Path("/usr/share/common-licenses")
 PREFERRED = ("GPL-3", "Apache-2.0", "MPL-2.0", "LGPL-2.1", "Artistic", "GFDL-1.3", "CC0-1.0", "GPL-2")
 
@@ -20,7 +22,7 @@ def prose_texts(folder: Path = LICENSES) -> list[tuple[str, str]]:
         if paragraphs:
             texts.append((path.name, re.sub(r"\s+", " ", " ".join(paragraphs)).strip()))
     if not texts:
-        raise FileNotFoundError(f"no prose found in {folder} (the benchmark's prompts are read from the license "
+        raise MissingFileError(f"no prose found in {folder} (the benchmark's prompts are read from the license "
                                 "texts there): install the base-files package or pass another folder of text files")
     return texts
 
@@ -33,7 +35,7 @@ def prose_prompts(count: int, length: int, tokenizer=None, vocab_size: int | Non
     keeps the inputs fixed and text-derived.
     """
     if tokenizer is None and vocab_size is None:
-        raise ValueError("give a tokenizer or the vocabulary size")
+        raise InputError("give a tokenizer or the vocabulary size")
     texts = prose_texts(folder)
     prompts = []
     for i in range(count):
@@ -41,7 +43,7 @@ def prose_prompts(count: int, length: int, tokenizer=None, vocab_size: int | Non
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] if tokenizer else [b % vocab_size for b in text.encode()]
         start = (i // len(texts)) * length
         if start + length > len(ids):
-            raise ValueError(f"{name} has {len(ids)} tokens, too few for prompt {i} of {length} tokens: ask for fewer "
+            raise InputError(f"{name} has {len(ids)} tokens, too few for prompt {i} of {length} tokens: ask for fewer "
                              "or shorter prompts")
         prompts.append({"source": str(Path(folder) / name), "offset_tokens": start, "ids": ids[start:start + length]})
     return prompts

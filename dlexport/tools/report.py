@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..files import write_json_atomic
+from ..files import OwnedFolder, write_json_atomic
 from .bench import BenchResult
 
 
@@ -91,9 +91,12 @@ def plot(result: BenchResult, path: Path, table=None, manifest=None) -> None:
 
 
 def write_outputs(result: BenchResult, out_dir: Path | str, table=None, manifest=None) -> dict[str, Path]:
+    """bench.json, bench.md and bench.png in ``out_dir``: new, empty, or a bench folder of the same model."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    own = OwnedFolder.claim(out, "bench", manifest.fingerprint if manifest is not None else None, overwrite=None,
+                            inputs=[manifest.folder] if manifest is not None else [])
     paths = {"json": out / "bench.json", "markdown": out / "bench.md", "plot": out / "bench.png"}
+    own.add(*(p.name for p in paths.values()))
     write_json_atomic(paths["json"], result.to_json())
     paths["markdown"].write_text(markdown(result))
     plot(result, paths["plot"], table, manifest)

@@ -1,12 +1,14 @@
 """Percentiles shared by the profiler and the benchmark."""
 from __future__ import annotations
 
+from ..errors import InputError
+
 
 def percentile(values, q: float) -> float:
     """Linear-interpolated percentile (q in [0, 100]); the same definition numpy uses by default."""
     xs = sorted(values)
     if not xs:
-        raise ValueError("percentile of an empty list")
+        raise InputError("percentile of an empty list")
     pos = (len(xs) - 1) * q / 100.0
     lo = int(pos)
     hi = min(lo + 1, len(xs) - 1)

@@ -11,6 +11,7 @@ import multiprocessing as mp
 import time
 from pathlib import Path
 
+from ..errors import InputError
 from ..runtime import Plan
 from .bench import Measured, folder_manifest
 from .environment import describe_device, versions
@@ -78,7 +79,7 @@ def run_sweep(folder: Path | str, counts: list[int], plans: list[Plan], *, promp
     from .prompts import prose_prompts
 
     if not counts or any(not isinstance(n, int) or n < 1 for n in counts) or len(set(counts)) != len(counts):
-        raise ValueError(f"--threads-sweep takes distinct thread counts >= 1 (e.g. 1,2,4); got {counts}")
+        raise InputError(f"--threads-sweep takes distinct thread counts >= 1 (e.g. 1,2,4); got {counts}")
     folder = Path(folder)
     manifest = folder_manifest(folder)
     entries: dict[str, Plan | None] = {"full": None}

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import CorruptFileError, InputError, MissingFileError, UnavailableError
 from ..contract import TensorSpec, is_inplace
 from ..files import read_json
 from ..manifest import Manifest
@@ -37,7 +38,7 @@ ENGINES_JSON = "engines.json"
 SEARCH_PATHS = ("/usr/src/tensorrt/bin/trtexec", "/opt/tensorrt/bin/trtexec")  # JetPack, NGC containers
 
 
-class TrtexecUnavailableError(RuntimeError):
+class TrtexecUnavailableError(UnavailableError):
     pass
 
 
@@ -64,7 +65,7 @@ def parse_version(text: str) -> tuple[int, int, int]:
     """TensorRT's version from trtexec's banner, e.g. ``[TensorRT v100300]`` -> (10, 3, 0)."""
     m = re.search(r"\[TensorRT v(\d+)\]", text)
     if not m:
-        raise ValueError("could not read the TensorRT version from trtexec's output (no '[TensorRT vNNNNNN]' tag)")
+        raise InputError("could not read the TensorRT version from trtexec's output (no '[TensorRT vNNNNNN]' tag)")
     n = int(m.group(1))
     return n // 10000, n // 100 % 100, n % 100
 
@@ -128,7 +129,7 @@ def trtexec_command(binary: str, engine_file: Path, shapes: str, profile_index: 
 def parse_times(data) -> dict:
     """Summary of an ``--exportTimes`` file: GPU compute median / p90 and host latency median (ms)."""
     if not isinstance(data, list) or not data or "computeMs" not in data[0]:
-        raise ValueError("not a trtexec --exportTimes file: expected a list of objects with 'computeMs'")
+        raise CorruptFileError("not a trtexec --exportTimes file: expected a list of objects with 'computeMs'")
     compute = [float(r["computeMs"]) for r in data]
     latency = [float(r["latencyMs"]) for r in data]
     return {"median_ms": percentile(compute, 50), "p90_ms": percentile(compute, 90),
@@ -138,7 +139,7 @@ def parse_times(data) -> dict:
 def parse_profile(data) -> dict:
     """An ``--exportProfile`` file: the run count and per-layer average ms, slowest first."""
     if not isinstance(data, list) or not data or "count" not in data[0]:
-        raise ValueError("not a trtexec --exportProfile file: expected a list starting with {'count': N}")
+        raise CorruptFileError("not a trtexec --exportProfile file: expected a list starting with {'count': N}")
     layers = sorted(({"name": r["name"], "average_ms": float(r["averageMs"]), "percentage": float(r["percentage"])}
                      for r in data[1:]), key=lambda r: -r["average_ms"])
     return {"count": int(data[0]["count"]), "layers": layers}
@@ -147,14 +148,14 @@ def parse_profile(data) -> dict:
 def read_engine_folder(folder: Path) -> dict:
     path = Path(folder) / ENGINES_JSON
     if not path.exists():
-        raise FileNotFoundError(f"{folder} has no {ENGINES_JSON}: trtexec profiles TensorRT engines; build them with "
+        raise MissingFileError(f"{folder} has no {ENGINES_JSON}: trtexec profiles TensorRT engines; build them with "
                                 f"`dlexport build --from-export ... --backend tensorrt`, or profile this folder with "
                                 "`--tool builtin`")
     data = read_json(path, "engine folder index")
     if data.get("format") != "dlexport-engines":
-        raise ValueError(f"{path} is not a dlexport engine index (format {data.get('format')!r})")
+        raise CorruptFileError(f"{path} is not a dlexport engine index (format {data.get('format')!r})")
     if data.get("backend") != "tensorrt":
-        raise ValueError(f"{folder} holds {data.get('backend')} engines; trtexec runs standard TensorRT engines only "
+        raise InputError(f"{folder} holds {data.get('backend')} engines; trtexec runs standard TensorRT engines only "
                          "(TensorRT for RTX ships its own tensorrt_rtx tool): use `--tool builtin`")
     return data
 
@@ -166,7 +167,7 @@ def plan_runs(folder: Path, contexts, binary: str, version, settings: TrtexecSet
     for name, entry in data["engines"].items():
         inputs = [TensorSpec.from_json(s) for s in entry["inputs"]]
         if is_inplace(inputs):
-            raise ValueError(f"{folder} holds in-place KV layers: trtexec would feed their past_length (the cache write "
+            raise InputError(f"{folder} holds in-place KV layers: trtexec would feed their past_length (the cache write "
                              "index) random values. Profile them with `--tool builtin`, or build from a `--kv portable` "
                              "export")
         for context in contexts:

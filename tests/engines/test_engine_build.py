@@ -170,3 +170,51 @@ def test_build_reports_a_plan_for_another_model(tiny_llama_export, tiny_opt_expo
                       backend="onnxruntime", progress=False, log=quiet)
     assert main(["build", "--from-export", str(tiny_llama_export.folder), "--out", str(tiny_llama_export.folder),
                  "--backend", "onnxruntime", "--quiet"]) == 2  # --out must not be the export itself
+
+
+def _copy_export(export, folder):
+    import shutil
+
+    shutil.copytree(export.folder, folder)
+    return folder
+
+
+def test_build_never_writes_into_an_export_or_a_users_folder(tiny_opt_export, tiny_llama_export, tmp_path):
+    from dlexport.errors import FolderError
+
+    other = _copy_export(tiny_llama_export, tmp_path / "other-export")  # another model's export
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(tiny_opt_export.folder)
+    (tmp_path / "file").write_text("data")
+    snapshot = {p: p.read_bytes() for p in [*other.rglob("*"), *user.rglob("*")] if p.is_file()}
+    for out, message in [(other, "holds a dlexport export, not a engines"),
+                         (user, "not empty and was not made by dlexport"),
+                         (tiny_opt_export.folder / "engines", "overlap"),
+                         (tmp_path / "link" / "engines", "through a symlink"),
+                         (tmp_path / "file", "is a file")]:
+        with pytest.raises(FolderError, match=message):
+            build_engines(tiny_opt_export.folder, out, backend="onnxruntime", progress=False, log=quiet)
+    assert snapshot == {p: p.read_bytes() for p in [*other.rglob("*"), *user.rglob("*")] if p.is_file()}
+    assert not (tiny_opt_export.folder / "engines").exists()
+    assert main(["build", "--from-export", str(tiny_opt_export.folder), "--out", str(other),
+                 "--backend", "onnxruntime", "--quiet"]) == 2
+
+
+def test_rebuild_cleans_stale_temporaries_and_keeps_the_users_files(tiny_opt_export, tiny_llama_export, tmp_path):
+    out = tmp_path / "engines"
+    plan = Plan.skip(tiny_opt_export, [0, 1])
+    build_engines(tiny_opt_export.folder, out, plan=plan, backend="onnxruntime", progress=False, log=quiet)
+    (out / ".layer_01.onnx.abc123.partial.onnx").write_bytes(b"x" * 1000)  # what a SIGKILLed build leaves
+    (out / "README.txt").write_text("my notes")
+    build_engines(tiny_opt_export.folder, out, plan=plan, backend="onnxruntime", progress=False, log=quiet)
+    assert not list(out.glob(".*.partial*")) and (out / "README.txt").read_text() == "my notes"
+
+    from dlexport.errors import FolderError
+
+    with pytest.raises(FolderError, match="another model.*--overwrite"):
+        build_engines(tiny_llama_export.folder, out, backend="onnxruntime", progress=False, log=quiet)
+    build_engines(tiny_llama_export.folder, out, backend="onnxruntime", overwrite=True, progress=False, log=quiet)
+    assert (out / "README.txt").read_text() == "my notes"
+    assert Runtime.load(out).manifest.fingerprint == tiny_llama_export.fingerprint

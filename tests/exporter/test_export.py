@@ -6,6 +6,8 @@ import json
 import onnx
 import pytest
 
+from dlexport.engines.build import build_engines
+from dlexport.errors import FolderError
 from dlexport.exporter import ExportDirError, export
 from dlexport.exporter import onnx_export as export_module
 from dlexport.manifest import Manifest
@@ -128,3 +130,51 @@ def test_layers_from_one_trace_per_structure_equal_layers_traced_one_by_one(shap
     assert len(traced) == slow.num_layers + 2
     for name, entry in slow.data["subgraphs"].items():
         assert fast.subgraph(name)["files"] == entry["files"], name
+
+
+def test_overwrite_replaces_only_dlexports_files_and_keeps_the_users(tmp_path):
+    out = tmp_path / "taken"
+    export("tiny-opt", out, random_weights=True, progress=False, validate=False, log=lambda *a: None)
+    (out / "notes.txt").write_text("mine")
+    (out / "layers" / "my_layer.onnx").write_text("my own graph")
+    export("tiny-llama", out, random_weights=True, progress=False, validate=False, overwrite=True, log=lambda *a: None)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "layers" / "my_layer.onnx").read_text() == "my own graph"
+    assert json.loads((out / "manifest.json").read_text())["source"] == "random:tiny-llama:seed0"
+
+
+def test_export_refuses_folders_that_are_not_its_own(tiny_opt_export, tmp_path):
+    user = tmp_path / "mine"
+    (user / "src").mkdir(parents=True)
+    (user / "embed.onnx").write_text("my own graph")
+    engines = tmp_path / "engines"
+    build_engines(tiny_opt_export.folder, engines, backend="onnxruntime", progress=False, log=lambda *a: None)
+    before = {p: p.read_bytes() for p in engines.rglob("*") if p.is_file()}
+    (tmp_path / "file").write_text("data")
+    for out, message in [(user, "not empty and was not made by dlexport"),
+                         (engines, "holds a dlexport engines, not a export"),
+                         (tmp_path / "file", "is a file, not a folder")]:
+        for overwrite in (False, True):
+            with pytest.raises(FolderError, match=message):
+                export("tiny-opt", out, random_weights=True, progress=False, validate=False, overwrite=overwrite,
+                       log=lambda *a: None)
+    assert (user / "embed.onnx").read_text() == "my own graph" and (user / "src").is_dir()
+    assert before == {p: p.read_bytes() for p in engines.rglob("*") if p.is_file()}
+    assert (tmp_path / "file").read_text() == "data"
+
+
+def test_an_export_from_before_ownership_markers_resumes_but_not_with_a_users_file(tmp_path, monkeypatch):
+    from dlexport.files import OWNER
+
+    out = tmp_path / "old"
+    export("tiny-opt", out, random_weights=True, progress=False, validate=False, log=lambda *a: None)
+    (out / OWNER).unlink()  # as an older dlexport left it
+    calls = []
+    real = export_module.export_subgraph
+    monkeypatch.setattr(export_module, "export_subgraph", lambda *a: (calls.append(a[1].name), real(*a)))
+    export("tiny-opt", out, random_weights=True, progress=False, validate=False, log=lambda *a: None)
+    assert calls == [] and (out / OWNER).exists()
+    (out / OWNER).unlink()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FolderError, match="not made by dlexport"):
+        export("tiny-opt", out, random_weights=True, progress=False, validate=False, log=lambda *a: None)

@@ -49,13 +49,30 @@ def test_plan_with_adapters_runs_and_refuses_altered_files(tiny_opt_export, tiny
     assert len(runtime.generate([[5, 6, 7, 8]], 8, loaded).tokens[0]) == 8
 
     path = out.parent / loaded.exit.adapters[0].file
-    path.write_bytes(path.read_bytes() + b"\0")
-    with pytest.raises(PlanError, match="sha256"):
+    original = path.read_bytes()
+    path.write_bytes(original + b"\0")
+    with pytest.raises(PlanError, match="sha256") as altered:
         load_plan(out)
     path.unlink()
-    with pytest.raises(PlanError, match="missing"):
+    with pytest.raises(PlanError, match="missing") as missing:
         load_plan(out)
+
+    outside = tmp_path / "outside.onnx"  # the right bytes, but outside the plan's folder
+    outside.write_bytes(original)
+    path.symlink_to(outside)
+    with pytest.raises(PlanError) as via_link:
+        load_plan(out)
+    path.unlink()
     data = json.loads(out.read_text())
+    file = data["exit"]["adapters"][0]["file"]
+    for escape in ("../outside.onnx", str(outside)):
+        data["exit"]["adapters"][0]["file"] = escape
+        out.write_text(json.dumps(data))
+        with pytest.raises(PlanError) as escaped:
+            load_plan(out)
+        assert str(escaped.value).replace(repr(escape), repr(file)) == str(missing.value)
+    assert str(altered.value) == str(missing.value) == str(via_link.value)  # one message: no probing of paths
+    data["exit"]["adapters"][0]["file"] = file
     data["exit"]["adapters"][0]["layer"] = 99
     out.write_text(json.dumps(data))
     with pytest.raises(PlanError):

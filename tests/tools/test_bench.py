@@ -86,10 +86,10 @@ def test_cli_profile_and_bench(tiny_llama_export, tiny_llama_mono, tmp_path, cap
     assert data["config"]["command"].startswith(f"dlexport bench {tiny_llama_export.folder} --plan ")
 
 
-def test_cli_errors_are_actionable(tiny_llama_export, capsys):
+def test_cli_errors_are_actionable(tiny_llama_export, capsys, tmp_path):
     assert main(["profile", str(tiny_llama_export.folder), "--contexts", "a,b"]) == 2
     assert "comma-separated list of integers" in capsys.readouterr().err
-    assert main(["bench", str(tiny_llama_export.folder), "--baseline", "vllm", "--out", "/tmp/x"]) == 2
+    assert main(["bench", str(tiny_llama_export.folder), "--baseline", "vllm", "--out", str(tmp_path / "b")]) == 2
     assert "unknown baseline" in capsys.readouterr().err
 
 

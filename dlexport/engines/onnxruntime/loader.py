@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ...errors import CorruptFileError, InputError
 from ..base import BackendUnavailableError
 from ..threads import claim, resolve_threads
 from .config import OPT_LEVELS, PROVIDERS, OrtConfig
@@ -19,7 +20,7 @@ def _ort():
 def providers_for(config: OrtConfig) -> list:
     ort = _ort()
     if config.provider not in PROVIDERS:
-        raise ValueError(f"unknown ONNX Runtime provider {config.provider!r}; choose one of {', '.join(PROVIDERS)}")
+        raise InputError(f"unknown ONNX Runtime provider {config.provider!r}; choose one of {', '.join(PROVIDERS)}")
     wanted = PROVIDERS[config.provider]
     available = ort.get_available_providers()
     if wanted not in available:
@@ -50,7 +51,7 @@ def providers_for(config: OrtConfig) -> list:
 def create_session(path: Path, config: OrtConfig):
     ort = _ort()
     if config.opt_level not in OPT_LEVELS:
-        raise ValueError(f"unknown graph optimisation level {config.opt_level!r}; choose one of {', '.join(OPT_LEVELS)}")
+        raise InputError(f"unknown graph optimisation level {config.opt_level!r}; choose one of {', '.join(OPT_LEVELS)}")
     so = ort.SessionOptions()
     so.graph_optimization_level = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -69,5 +70,5 @@ def create_session(path: Path, config: OrtConfig):
         return ort.InferenceSession(str(path), sess_options=so, providers=providers_for(config))
     except Exception as e:  # ORT raises its own exception types; turn them into an actionable message
         if "INVALID_PROTOBUF" in str(e) or "Protobuf parsing failed" in str(e) or "INVALID_GRAPH" in str(e):
-            raise ValueError(f"{path} is not a valid ONNX model ({e}); the file is corrupt: re-export it") from e
+            raise CorruptFileError(f"{path} is not a valid ONNX model ({e}); the file is corrupt: re-export it") from e
         raise

@@ -12,11 +12,12 @@ from pathlib import Path
 
 from ... import __version__
 from ...contract import PAST_LENGTH
+from ...errors import DlexportError
 from .compat import Flavour, device_capability
 from .config import BuildSettings, profiles_for
 
 
-class EngineBuildError(RuntimeError):
+class EngineBuildError(DlexportError, RuntimeError):
     pass
 
 

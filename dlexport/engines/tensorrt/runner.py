@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 
 from ...contract import TensorSpec
+from ...errors import CorruptFileError, InputError
 from ..base import BackendUnavailableError, Engine, OutputPool
 from .compat import Flavour, device_capability, runs_on
 from .config import select_profile
 
 
-class EngineMismatchError(ValueError):
+class EngineMismatchError(CorruptFileError):
     """An engine was built for another TensorRT version, GPU or source graph."""
 
 
@@ -108,7 +109,7 @@ def open_trt_engines(folder: Path, data: dict, names: list[str], device: str, re
     for name in names:
         check_compatible(name, entries[name]["metadata"], flavour, None, rebuild)
     if not device.startswith("cuda"):
-        raise ValueError(f"TensorRT engines run on a CUDA GPU: pass device='cuda' (got {device!r})")
+        raise InputError(f"TensorRT engines run on a CUDA GPU: pass device='cuda' (got {device!r})")
     device_id = int(device.split(":")[1]) if ":" in device else 0
     capability = device_capability(device_id)
     if capability is None:

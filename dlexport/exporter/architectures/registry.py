@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from ...errors import InputError
+
 _REGISTRY: dict[str, type] = {}
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(InputError):
     pass
 
 
