@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import building, exporting, planning, profiling, running
+from . import building, exporting, planning, profiling, quantizing, running
 
-COMMAND_MODULES = [exporting, running, planning, building, profiling]
+COMMAND_MODULES = [exporting, quantizing, running, planning, building, profiling]
 
 
 def build_parser() -> argparse.ArgumentParser:

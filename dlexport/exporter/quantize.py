@@ -1,0 +1,288 @@
+"""Weight-only int4/int8 exports: every MatMul weight of the layers and the head quantised block-wise.
+
+Decoding a small LLM reads every weight once per token, so the weight format sets the speed on a CPU and decides
+whether a 1B model fits a Jetson. Two graph forms, both written by ONNX Runtime's own quantiser where it can:
+
+- ``ort``: ``com.microsoft.MatMulNBits`` (ONNX Runtime's CPU and CUDA kernels; int4 and int8; ``accuracy_level``
+  picks the activation precision of the CPU kernel, 4 = int8 activations).
+- ``qdq``: standard opset-21 block-wise ``DequantizeLinear`` -> ``MatMul``, the form TensorRT builds (signed weights
+  only: TensorRT does not import UINT4/UINT8 weights, so it is symmetric). ONNX Runtime's quantiser writes int4; it
+  has no int8 Q/DQ path, so int8 codes (symmetric round to nearest per block) are computed here.
+
+The embedding (a Gather) stays as it is. The quantised folder is an ordinary export with the source's fingerprint
+(plans made on the fp32 export stay valid: the layers are the same) plus a ``quantization`` record; the runtime loads
+it unchanged. Its quality is measured by ``dlexport.plans.quality`` against the source export.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..files import Journal, atomic_path, sha256_file
+from ..manifest import MANIFEST, Manifest
+from .onnx_export import ExportDirError, _files_of, _still_whole
+
+WEIGHTS = {"int4": 4, "int8": 8}
+FORMATS = ("ort", "qdq")
+METHODS = ("hqq", "rtn")  # ONNX Runtime's quantiser algorithms that need no calibration data
+JOURNAL = ".quantize-progress.json"
+QDQ_OPSET = 21  # block-wise DequantizeLinear and the INT4 type
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """How weights are quantised. ``None`` picks the default: int4 ``ort``, HQQ (asymmetric, a float zero point
+    fitted per block without data: on SmolLM2 it reproduces the GGUF's Q4_1 blocks that plain rounding shifts);
+    otherwise round to nearest, symmetric for ``qdq`` (what TensorRT takes)."""
+
+    weights: str = "int4"
+    block_size: int = 32
+    symmetric: bool | None = None
+    accuracy_level: int | None = None
+    format: str = "ort"
+    method: str | None = None
+
+    def __post_init__(self):
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"--weights {self.weights!r} is not one of {', '.join(WEIGHTS)}")
+        if self.format not in FORMATS:
+            raise ValueError(f"--format {self.format!r} is not one of {', '.join(FORMATS)} (ort: ONNX Runtime's "
+                             "MatMulNBits; qdq: DequantizeLinear -> MatMul, for TensorRT)")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"--block-size {self.block_size} must be a power of two >= 16 (MatMulNBits' rule)")
+        default_method = "hqq" if self.format == "ort" and not self.symmetric and self.bits == 4 else "rtn"
+        object.__setattr__(self, "method", self.method or default_method)
+        if self.method not in METHODS:
+            raise ValueError(f"--method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.symmetric is None:
+            object.__setattr__(self, "symmetric", self.format == "qdq")
+        if self.format == "qdq" and not self.symmetric:
+            raise ValueError("--format qdq is for TensorRT, which imports only signed (symmetric) INT4/INT8 weights: "
+                             "drop --no-symmetric, or use --format ort for asymmetric weights")
+        if self.method == "hqq" and (self.format != "ort" or self.symmetric):
+            raise ValueError("--method hqq fits a float zero point per block: it needs --format ort and asymmetric "
+                             "weights; use --method rtn for symmetric or Q/DQ weights")
+        if self.method == "hqq" and self.bits == 8:
+            raise ValueError("--method hqq with int8 writes float zero points, which ONNX Runtime's 8-bit MatMulNBits "
+                             "kernel refuses: use --method rtn (the int8 default)")
+        if self.accuracy_level is not None:
+            if self.format != "ort":
+                raise ValueError("--accuracy-level is an attribute of ONNX Runtime's MatMulNBits: it needs "
+                                 "--format ort")
+            if self.accuracy_level not in range(5):
+                raise ValueError(f"--accuracy-level {self.accuracy_level} is not 0-4 (0 unset, 1 fp32, 2 fp16, "
+                                 "3 bf16, 4 int8 activations)")
+
+    @property
+    def bits(self) -> int:
+        return WEIGHTS[self.weights]
+
+    def to_json(self) -> dict:
+        return {"weights": self.weights, "bits": self.bits, "block_size": self.block_size, "method": self.method,
+                "symmetric": self.symmetric, "accuracy_level": self.accuracy_level, "format": self.format}
+
+
+def _gemms_to_matmuls(model) -> None:
+    """Gemm(A, W, C) with a constant W (OPT's fc1/fc2) -> MatMul(A, W') + C, so the quantiser sees the weight."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        w = inits.get(node.input[1]) if node.op_type == "Gemm" and len(node.input) > 1 else None
+        if w is None or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(w)
+        if attrs.get("transB", 0):
+            weight = weight.T.copy()
+        name = f"{w.name}_kn"
+        graph.initializer.append(numpy_helper.from_array(weight, name))
+        has_bias = len(node.input) > 2 and node.input[2]
+        mm_out = f"{node.output[0]}_matmul" if has_bias else node.output[0]
+        nodes.append(onnx.helper.make_node("MatMul", [node.input[0], name], [mm_out], name=f"{node.name}_MatMul"))
+        if has_bias:
+            nodes.append(onnx.helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]],
+                                               name=f"{node.name}_bias"))
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    _drop_unused_initializers(graph)
+
+
+def _drop_unused_initializers(graph) -> None:
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    kept = [i for i in graph.initializer if i.name in used]
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept)
+
+
+def _int8_qdq(model, q: WeightQuant) -> None:
+    """Every constant fp32 2-D MatMul weight -> INT8 block-wise DequantizeLinear (axis 0) -> MatMul, opset 21.
+
+    ONNX Runtime's quantiser has no int8 Q/DQ path, and its 8-bit block kernel gives negative scales (which
+    TensorRT refuses), so the symmetric round-to-nearest codes are computed here: scale = max|w| / 127 per block.
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    nodes, bs = [], q.block_size
+    for node in graph.node:
+        w = inits.get(node.input[1]) if node.op_type == "MatMul" else None
+        if w is None or len(w.dims) != 2 or w.data_type != onnx.TensorProto.FLOAT:
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(w)
+        k, n = weight.shape
+        blocks = np.pad(weight, ((0, -k % bs), (0, 0))).reshape(-1, bs, n)
+        scales = np.abs(blocks).max(axis=1) / 127
+        scales[scales == 0] = 1.0
+        codes = np.clip(np.rint(blocks / scales[:, None]), -127, 127).astype(np.int8).reshape(-1, n)[:k]
+        graph.initializer.extend([numpy_helper.from_array(codes, f"{w.name}_DQ_Q8"),
+                                  numpy_helper.from_array(scales.astype(np.float32), f"{w.name}_DQ_scales")])
+        deq = f"{w.name}_DQ_Q8_output"
+        nodes.append(onnx.helper.make_node("DequantizeLinear", [f"{w.name}_DQ_Q8", f"{w.name}_DQ_scales"], [deq],
+                                           name=f"{node.name}_DQ_Q8", axis=0, block_size=bs))
+        nodes.append(onnx.helper.make_node("MatMul", [node.input[0], deq], list(node.output), name=node.name))
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    _drop_unused_initializers(graph)
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = max(opset.version, QDQ_OPSET)
+    model.ir_version = max(model.ir_version, 10)
+
+
+def quantize_graph(model, q: WeightQuant):
+    """One ONNX model (a layer or the head) with its MatMul weights quantised as ``q`` says; returns the model."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    from onnxruntime.quantization.quant_utils import QuantFormat
+
+    _gemms_to_matmuls(model)
+    if q.format == "qdq" and q.bits == 8:
+        _int8_qdq(model, q)
+        return model
+    algo = HQQWeightOnlyQuantConfig(block_size=q.block_size, bits=q.bits) if q.method == "hqq" else None
+    quantizer = MatMulNBitsQuantizer(
+        model, bits=q.bits, block_size=q.block_size, is_symmetric=q.symmetric, accuracy_level=q.accuracy_level,
+        quant_format=QuantFormat.QOperator if q.format == "ort" else QuantFormat.QDQ, op_types_to_quantize=("MatMul",),
+        algo_config=algo)
+    logging.getLogger("onnxruntime").setLevel(logging.ERROR)
+    quantizer.process()
+    model = quantizer.model.model
+    if q.method == "hqq" and q.accuracy_level:  # ONNX Runtime's HQQ path does not write the attribute itself
+        import onnx
+
+        for node in model.graph.node:
+            if node.op_type == "MatMulNBits":
+                node.attribute.append(onnx.helper.make_attribute("accuracy_level", q.accuracy_level))
+    return model
+
+
+def quantized_matmuls(model) -> int:
+    """How many MatMuls of a graph take quantised weights (MatMulNBits, or MatMul fed by a DequantizeLinear)."""
+    dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return sum(n.op_type == "MatMulNBits" or (n.op_type == "MatMul" and n.input[1] in dq) for n in model.graph.node)
+
+
+def _check_out(source: Manifest, out: Path, identity: dict, overwrite: bool) -> dict:
+    """Refuse a folder holding anything else; return the entries of a finished quantisation with the same identity."""
+    if out.resolve() == source.folder.resolve():
+        raise ExportDirError(f"--out {out} is the source export itself: give a new folder for the quantised export")
+    if not (out / MANIFEST).exists():
+        if out.exists() and any(out.iterdir()) and not (out / JOURNAL).exists():
+            raise ExportDirError(f"{out} exists and is not a dlexport export: choose an empty or new --out")
+        return {}
+    try:
+        old = Manifest.load(out).data
+    except (ValueError, FileNotFoundError):
+        old = {}
+    quant = old.get("quantization") or {}
+    if {k: quant.get(k) for k in identity} == identity:
+        return {name: {"files": sub["files"], "quantized_matmuls": quant["quantized_matmuls"][name]}
+                for name, sub in old["subgraphs"].items()}
+    if not overwrite:
+        raise ExportDirError(f"{out} holds another export ({old.get('source')!r}, quantization "
+                             f"{quant.get('settings')}); choose another --out, or pass --overwrite to replace it")
+    shutil.rmtree(out)
+    return {}
+
+
+def quantize(export_dir, out, q: WeightQuant = WeightQuant(), *, overwrite: bool = False, progress: bool = True,
+             log=print) -> Manifest:
+    """Write a weight-only quantised copy of the export ``export_dir`` into ``out``, one subgraph at a time.
+
+    Resumable like the exporter: each graph is written under a temporary name, renamed into place and journalled
+    with its sha256 and the source graph's; a repeated run redoes only what is missing, damaged or from another
+    source or setting.
+    """
+    import onnx
+    from tqdm.auto import tqdm
+
+    source = Manifest.load(export_dir)
+    source.verify_files()
+    if source.data.get("quantization"):
+        raise ValueError(f"{export_dir} is already quantised ({source.data['quantization']['settings']}): quantise "
+                         f"its source export {source.data['quantization']['source_export']} instead")
+    out = Path(out)
+    src_sha = {name: sub["files"][0]["sha256"] for name, sub in source.data["subgraphs"].items()}
+    identity = {"fingerprint": source.fingerprint, "settings": q.to_json(), "source_files": src_sha}
+    finished = _check_out(source, out, identity, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    journal = Journal(out / JOURNAL, identity)
+
+    entries, counts = {}, {}
+    names = list(source.data["subgraphs"])
+    bar = tqdm(names, desc=f"quantize {q.weights} {q.format}", unit="graph", disable=not progress)
+    for name in bar:
+        bar.set_postfix_str(name)
+        sub = source.subgraph(name)
+        facts = journal.get(name) or finished.get(name)
+        if not (facts and _still_whole(out, facts["files"])):
+            dest = out / sub["file"]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if name == "embed":  # a Gather: copied as it is (the vocabulary rows are read, not multiplied)
+                for f in sub["files"]:
+                    with atomic_path(out / f["path"]) as tmp:
+                        shutil.copyfile(source.folder / f["path"], tmp)
+                count = 0
+            else:
+                model = quantize_graph(onnx.load(str(source.path(name))), q)
+                count = quantized_matmuls(model)
+                with atomic_path(dest) as tmp:
+                    onnx.save(model, str(tmp))
+            facts = {"files": _files_of(out, sub["file"]), "quantized_matmuls": count}
+            journal.record(name, facts)
+        counts[name] = facts["quantized_matmuls"]
+        entries[name] = {**sub, "files": facts["files"]}
+
+    if source.tokenizer_dir() is not None and source.tokenizer_dir().exists():
+        shutil.copytree(source.tokenizer_dir(), out / source.data["tokenizer"], dirs_exist_ok=True)
+    from importlib.metadata import version
+
+    data = {k: v for k, v in source.data.items() if k != "validation"}
+    data["subgraphs"] = entries
+    data["quantization"] = {
+        **identity,
+        "source_export": str(source.folder.resolve()),
+        "source_manifest_sha256": sha256_file(source.folder / MANIFEST),
+        "graph_opset": QDQ_OPSET if q.format == "qdq" else data.get("opset"),
+        "quantized_matmuls": counts,
+        "library": "dlexport (ONNX Runtime has no int8 Q/DQ path)" if q.format == "qdq" and q.bits == 8
+                   else f"onnxruntime {version('onnxruntime')} MatMulNBitsQuantizer",
+        "unchanged": ["embed (Gather)"],
+    }
+    manifest = Manifest(out, data)
+    manifest.save()
+    journal.remove()
+    total = sum(counts.values())
+    log(f"quantised {total} MatMuls in {len(names) - 1} subgraphs of {source.data['source']} to {q.weights} "
+        f"({q.format}, {q.method}, block {q.block_size}, {'symmetric' if q.symmetric else 'asymmetric'}) into {out}")
+    return manifest
