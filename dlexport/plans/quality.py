@@ -16,25 +16,38 @@ import torch
 
 from ..manifest import Manifest
 from .calibrate import TextConfig
-from .stack import ExportStack
+from .stack import ExportStack, Scores
 from .text import load_splits, tokenizer_for
 
 MIN_TOKENS = 2000
 
 
-def _error(got: torch.Tensor, ref: torch.Tensor, layer_input: torch.Tensor | None = None) -> dict:
-    """max |q - f|, and the RMS error relative to the output (and, for a layer, to what it adds to its input:
-    the residual stream's outliers make the output-relative error of a layer look small)."""
-    diff = (got - ref).float()
-    err = {"max_abs_diff": float(diff.abs().max()), "max_abs_ref": float(ref.abs().max()),
-           "rel_rms": float(diff.norm() / ref.float().norm().clamp_min(1e-30))}
-    if layer_input is not None:
-        err["rel_rms_update"] = float(diff.norm() / (ref - layer_input).float().norm().clamp_min(1e-30))
-    return err
+class _Error:
+    """max |q - f| and RMS error of one subgraph's output, accumulated over batches; for a layer also relative to
+    what it adds to its input (the residual stream's outliers make a layer's output-relative error look small)."""
+
+    def __init__(self, name: str):
+        self.name, self.max_diff, self.max_ref, self.sq = name, 0.0, 0.0, {"diff": 0.0, "ref": 0.0, "update": 0.0}
+
+    def add(self, got: torch.Tensor, ref: torch.Tensor, layer_input: torch.Tensor | None = None) -> None:
+        diff = (got - ref).float()
+        self.max_diff = max(self.max_diff, float(diff.abs().max()))
+        self.max_ref = max(self.max_ref, float(ref.abs().max()))
+        self.sq["diff"] += float(diff.square().sum())
+        self.sq["ref"] += float(ref.float().square().sum())
+        if layer_input is not None:
+            self.sq["update"] += float((ref - layer_input).float().square().sum())
+
+    def to_json(self) -> dict:
+        out = {"subgraph": self.name, "max_abs_diff": round(self.max_diff, 6), "max_abs_ref": round(self.max_ref, 6),
+               "rel_rms": round(math.sqrt(self.sq["diff"] / max(self.sq["ref"], 1e-30)), 6)}
+        if self.sq["update"]:
+            out["rel_rms_update"] = round(math.sqrt(self.sq["diff"] / self.sq["update"]), 6)
+        return out
 
 
 def compare_to_source(export_dir, *, reference=None, text: TextConfig = TextConfig(), threads: int | None = None,
-                      log=print) -> dict:
+                      batch_seqs: int = 2, log=print) -> dict:
     """Quality of the quantised export ``export_dir`` against ``reference`` (default: the export it was made from)."""
     t0 = time.perf_counter()
     manifest = Manifest.load(export_dir)
@@ -44,8 +57,8 @@ def compare_to_source(export_dir, *, reference=None, text: TextConfig = TextConf
                          "with `dlexport validate`, which compares it with PyTorch")
     reference = Path(reference or q["source_export"])
     if not (reference / "manifest.json").exists():
-        raise FileNotFoundError(f"the fp32 export {reference} that {export_dir} was quantised from is gone: pass "
-                                "--reference DIR with a copy of it (same fingerprint)")
+        raise FileNotFoundError(f"the export {reference} that {export_dir} was quantised from is gone: put it back "
+                                "there, or pass compare_to_source(..., reference=DIR) a copy (same fingerprint)")
     ref, cand = ExportStack(reference, threads), ExportStack(export_dir, threads)
     if ref.manifest.fingerprint != cand.manifest.fingerprint:
         raise ValueError(f"{reference} holds model {ref.manifest.fingerprint}, {export_dir} model "
@@ -58,25 +71,28 @@ def compare_to_source(export_dir, *, reference=None, text: TextConfig = TextConf
                          tok_name)
     ids = splits["evaluation"]
 
-    per_subgraph = []
-    with torch.inference_mode():
-        hidden, extras = ref.embed(ids)
-        hq, extras_q = cand.embed(ids)
-        per_subgraph.append({"subgraph": "embed", **_error(hq, hidden)})
-        for i in range(ref.num_layers):
-            nxt = ref.layer(i, hidden, extras)
-            got = cand.layer(i, hidden, extras)
-            per_subgraph.append({"subgraph": ref.manifest.layer_key(i), **_error(got, nxt, hidden)})
-            hq = cand.layer(i, hq, extras_q)
-            hidden = nxt
-        rows = ref.rows(ids.shape[0], ids.shape[1])
-        head = [_error(cand.logits(hidden[r]), ref.logits(hidden[r])) for r in rows]
-        per_subgraph.append({"subgraph": "head", "max_abs_diff": max(h["max_abs_diff"] for h in head),
-                             "max_abs_ref": max(h["max_abs_ref"] for h in head),
-                             "rel_rms": math.sqrt(sum(h["rel_rms"] ** 2 for h in head) / len(head))})
-        ref_top1 = ref.top1(hidden)
-        full = ref.score(hidden, ids, ref_top1)
-        quant = cand.score(hq, ids, ref_top1)
+    names = ["embed"] + [ref.manifest.layer_key(i) for i in range(ref.num_layers)] + ["head"]
+    errors = {n: _Error(n) for n in names}
+    scores = {"reference": [], "quantized": []}
+    with torch.inference_mode():  # a few sequences at a time: ONNX Runtime keeps an arena per session and shape
+        for b in range(0, ids.shape[0], batch_seqs):
+            batch = ids[b:b + batch_seqs]
+            hidden, extras = ref.embed(batch)
+            hq, extras_q = cand.embed(batch)
+            errors["embed"].add(hq, hidden)
+            for i in range(ref.num_layers):
+                nxt = ref.layer(i, hidden, extras)
+                errors[names[i + 1]].add(cand.layer(i, hidden, extras), nxt, hidden)
+                hq = cand.layer(i, hq, extras_q)
+                hidden = nxt
+            errors["head"].add(cand.logits(hidden), ref.logits(hidden))
+            ref_top1 = ref.top1(hidden)
+            scores["reference"].append(ref.score(hidden, batch, ref_top1))
+            scores["quantized"].append(cand.score(hq, batch, ref_top1))
+    full, quant = (Scores(sum(s.nll * s.tokens for s in v) / sum(s.tokens for s in v),
+                          sum(s.agreement * s.tokens for s in v) / sum(s.tokens for s in v),
+                          sum(s.tokens for s in v)) for v in scores.values())
+    per_subgraph = [e.to_json() for e in errors.values()]
     report = {
         "reference": str(reference.resolve()),
         "text": splits.describe(),
@@ -84,7 +100,7 @@ def compare_to_source(export_dir, *, reference=None, text: TextConfig = TextConf
         "perplexity": {"reference": round(full.ppl, 4), "quantized": round(quant.ppl, 4),
                        "ratio": round(quant.ppl / full.ppl, 5)},
         "agreement": round(quant.agreement, 5),
-        "subgraphs": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in s.items()} for s in per_subgraph],
+        "subgraphs": per_subgraph,
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     worst = max(per_subgraph[1:], key=lambda s: s.get("rel_rms_update", s["rel_rms"]))

@@ -37,7 +37,8 @@ def test_every_layer_and_head_matmul_is_quantised_and_recorded(fixture, weights,
     source: Manifest = request.getfixturevalue(fixture)
     m = quantized(fixture, weights, fmt)
     q = m.data["quantization"]
-    assert q["settings"] == {"weights": weights, "bits": {"int4": 4, "int8": 8}[weights], "block_size": 32,
+    assert q["settings"] == {"weights": weights, "bits": {"int4": 4, "int8": 8}[weights], "head_weights": "int8",
+                             "block_size": 32,
                              "method": "hqq" if (weights, fmt) == ("int4", "ort") else "rtn", "symmetric": fmt == "qdq",
                              "accuracy_level": None, "format": fmt}
     assert q["source_export"] == str(source.folder.resolve())
@@ -63,7 +64,8 @@ def test_every_layer_and_head_matmul_is_quantised_and_recorded(fixture, weights,
         fp32_matrices = sum(4 * i.dims[0] * i.dims[1] for i in onnx.load(source.path(name)).graph.initializer
                             if len(i.dims) == 2 and min(i.dims) >= 32)
         saved = source.path(name).stat().st_size - m.path(name).stat().st_size
-        assert saved > fp32_matrices * (0.8 if weights == "int4" else 0.68)  # 4 or 8 bits + a scale per 32
+        four = weights == "int4" and name != "head"  # the head is int8 by default
+        assert saved > fp32_matrices * (0.8 if four else 0.68)  # 4 or 8 bits + a scale per 32
     assert m.path("embed").read_bytes() == source.path("embed").read_bytes()  # a Gather: left as it is
 
 
@@ -134,9 +136,17 @@ def test_resumes_after_an_interruption_and_redoes_a_damaged_file(tiny_llama_expo
     m = quantize(tiny_llama_export.folder, out, q, progress=False, log=quiet)
     m.verify_files()
     assert [p for p in out.rglob("*.onnx") if p.stat().st_mtime_ns != mtimes[p]] == [layer]
-    nodes = [n for n in onnx.load(m.path("head")).graph.node if n.op_type == "MatMulNBits"]
-    assert [{a.name: a.i for a in n.attribute if a.name in ("accuracy_level", "bits", "block_size")}
-            for n in nodes] == [{"accuracy_level": 4, "bits": 4, "block_size": 32}]
+    for name, bits in ((m.layer_key(0), 4), ("head", 8)):
+        nodes = [n for n in onnx.load(m.path(name)).graph.node if n.op_type == "MatMulNBits"]
+        assert [{a.name: a.i for a in n.attribute if a.name in ("accuracy_level", "bits", "block_size")}
+                for n in nodes] == [{"accuracy_level": 4, "bits": bits, "block_size": 32}] * len(nodes)
+
+
+def test_head_weights_int4_on_request(tiny_opt_export, tmp_path):
+    m = quantize(tiny_opt_export.folder, tmp_path / "q", WeightQuant("int4", head="int4"), progress=False, log=quiet)
+    assert m.data["quantization"]["settings"]["head_weights"] == "int4"
+    (node,) = [n for n in onnx.load(m.path("head")).graph.node if n.op_type == "MatMulNBits"]
+    assert {a.name: a.i for a in node.attribute}["bits"] == 4
 
 
 def test_refusals(tiny_llama_export, quantized, tmp_path):
