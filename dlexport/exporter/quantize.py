@@ -33,9 +33,10 @@ QDQ_OPSET = 21  # block-wise DequantizeLinear and the INT4 type
 
 @dataclass(frozen=True)
 class WeightQuant:
-    """How weights are quantised. ``None`` picks the default: int4 ``ort``, HQQ (asymmetric, a float zero point
-    fitted per block without data: on SmolLM2 it reproduces the GGUF's Q4_1 blocks that plain rounding shifts);
-    otherwise round to nearest, symmetric for ``qdq`` (what TensorRT takes)."""
+    """How weights are quantised. ``None`` picks the default: int4, HQQ (scale and zero point fitted per block
+    without data: on SmolLM2 it reproduces the GGUF's Q4_1 blocks, which plain rounding shifts: +0.2% perplexity
+    against +28-34%); int8, round to nearest. ``qdq`` codes are signed, without zero point (what TensorRT takes);
+    HQQ's zero points then travel as per-block offsets (see ``_offsets_from_zero_points``)."""
 
     weights: str = "int4"
     block_size: int = 32
@@ -54,21 +55,21 @@ class WeightQuant:
                              "MatMulNBits; qdq: DequantizeLinear -> MatMul, for TensorRT)")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ValueError(f"--block-size {self.block_size} must be a power of two >= 16 (MatMulNBits' rule)")
-        default_method = "hqq" if self.format == "ort" and not self.symmetric and self.bits == 4 else "rtn"
+        if self.symmetric is None:
+            object.__setattr__(self, "symmetric", self.format == "qdq")
+        default_method = "hqq" if self.bits == 4 and (self.format == "qdq" or not self.symmetric) else "rtn"
         object.__setattr__(self, "method", self.method or default_method)
         if self.method not in METHODS:
             raise ValueError(f"--method {self.method!r} is not one of {', '.join(METHODS)}")
-        if self.symmetric is None:
-            object.__setattr__(self, "symmetric", self.format == "qdq")
         if self.format == "qdq" and not self.symmetric:
             raise ValueError("--format qdq is for TensorRT, which imports only signed (symmetric) INT4/INT8 weights: "
                              "drop --no-symmetric, or use --format ort for asymmetric weights")
-        if self.method == "hqq" and (self.format != "ort" or self.symmetric):
-            raise ValueError("--method hqq fits a float zero point per block: it needs --format ort and asymmetric "
-                             "weights; use --method rtn for symmetric or Q/DQ weights")
+        if self.method == "hqq" and self.format == "ort" and self.symmetric:
+            raise ValueError("--method hqq fits a zero point per block: with --format ort it is asymmetric; use "
+                             "--method rtn for symmetric MatMulNBits weights")
         if self.method == "hqq" and self.bits == 8:
-            raise ValueError("--method hqq with int8 writes float zero points, which ONNX Runtime's 8-bit MatMulNBits "
-                             "kernel refuses: use --method rtn (the int8 default)")
+            raise ValueError("--method hqq is for int4 here (int8 round to nearest already loses under 0.3% "
+                             "perplexity on SmolLM2): use --method rtn, the int8 default")
         if self.accuracy_level is not None:
             if self.format != "ort":
                 raise ValueError("--accuracy-level is an attribute of ONNX Runtime's MatMulNBits: it needs "
@@ -132,6 +133,17 @@ def _drop_unused_initializers(graph) -> None:
     graph.initializer.extend(kept)
 
 
+def _qdq_opset(model) -> None:
+    """Opset 21 and IR 10 (block-wise DequantizeLinear, INT4), and no contrib domain left."""
+    kept = [o for o in model.opset_import if o.domain != "com.microsoft"]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = max(opset.version, QDQ_OPSET)
+    model.ir_version = max(model.ir_version, 10)
+
+
 def _int8_qdq(model, q: WeightQuant) -> None:
     """Every constant fp32 2-D MatMul weight -> INT8 block-wise DequantizeLinear (axis 0) -> MatMul, opset 21.
 
@@ -165,10 +177,7 @@ def _int8_qdq(model, q: WeightQuant) -> None:
     graph.ClearField("node")
     graph.node.extend(nodes)
     _drop_unused_initializers(graph)
-    for opset in model.opset_import:
-        if opset.domain in ("", "ai.onnx"):
-            opset.version = max(opset.version, QDQ_OPSET)
-    model.ir_version = max(model.ir_version, 10)
+    _qdq_opset(model)
 
 
 def quantize_graph(model, q: WeightQuant):
@@ -181,67 +190,85 @@ def quantize_graph(model, q: WeightQuant):
         _int8_qdq(model, q)
         return model
     algo = HQQWeightOnlyQuantConfig(block_size=q.block_size, bits=q.bits) if q.method == "hqq" else None
+    qdq = q.format == "qdq" and q.method == "rtn"  # HQQ writes MatMulNBits only; its Q/DQ form is made below
     quantizer = MatMulNBitsQuantizer(
         model, bits=q.bits, block_size=q.block_size, is_symmetric=q.symmetric, accuracy_level=q.accuracy_level,
-        quant_format=QuantFormat.QOperator if q.format == "ort" else QuantFormat.QDQ, op_types_to_quantize=("MatMul",),
+        quant_format=QuantFormat.QDQ if qdq else QuantFormat.QOperator, op_types_to_quantize=("MatMul",),
         algo_config=algo)
     logging.getLogger("onnxruntime").setLevel(logging.ERROR)
     quantizer.process()
     model = quantizer.model.model
     if q.method == "hqq":
-        _offsets_from_float_zero_points(model, q)
+        _offsets_from_zero_points(model, q)
     return model
 
 
-def _offsets_from_float_zero_points(model, q: WeightQuant) -> None:
-    """HQQ's float zero points as a per-block offset matrix: MatMulNBits(x, codes, scale, zero 0) + blocksum(x) @ M.
+def _offsets_from_zero_points(model, q: WeightQuant) -> None:
+    """HQQ's float zero points as a per-block offset: W x = codes x (zero point 0) + offsets . blocksum(x).
 
     ONNX Runtime's CPU kernel has no fast path for float zero points (a SmolLM2 layer decoded 10x slower than fp32
-    with them, 2x faster than fp32 with integer ones). With x's sums over each block of K, the same product is
-    sum_k x_k s (q_k - z) = s q . x + (-s z) . blocksum(x): integer codes, zero point 0, and one small fp32 MatMul
-    ([K/block, N], 1/block of the weights). The accuracy level is set here too (HQQ does not write it).
+    with them, 2x faster with integer ones), and TensorRT takes no zero points at all. With x summed over each
+    block of K, sum_k x_k s (q_k - z) = s (q - c) . x + s (c - z) . blocksum(x) for any constant c: MatMulNBits
+    keeps codes q with zero point 0 (c = 0); Q/DQ gets signed codes q - 8 (c = 8) in a block-wise INT4
+    DequantizeLinear. The offsets are one small fp32 MatMul ([K/block, N], 1/block of the weights).
     """
+    import ml_dtypes
     import numpy as np
     import onnx
+    import onnx_ir as ir
     from onnx import numpy_helper
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    nodes, bs = [], q.block_size
+    nodes, bs, qdq = [], q.block_size, q.format == "qdq"
     for node in graph.node:
-        nodes.append(node)
         if node.op_type != "MatMulNBits":
+            nodes.append(node)
             continue
         attrs = {a.name: a.i for a in node.attribute}
         k, n = attrs["K"], attrs["N"]
-        if q.accuracy_level:
-            node.attribute.append(onnx.helper.make_attribute("accuracy_level", q.accuracy_level))
         if k % bs:
             raise ValueError(f"{node.name}: K={k} is not a multiple of --block-size {bs}; choose a block size that "
                              "divides the model's hidden and intermediate sizes, or --method rtn")
-        blocks = k // bs
+        blocks, centre = k // bs, 8 if qdq else 0
         scales = numpy_helper.to_array(inits[node.input[2]]).reshape(n, blocks)
         zeros = numpy_helper.to_array(inits[node.input[3]]).reshape(n, blocks)
         stem, x, out = node.input[1], node.input[0], node.output[0]
-        graph.initializer.extend([
-            numpy_helper.from_array(np.zeros(n * -(-blocks * q.bits // 8), np.uint8), f"{stem}_zero0"),
-            numpy_helper.from_array(np.ascontiguousarray((-scales * zeros).T.astype(np.float32)), f"{stem}_offsets"),
-            numpy_helper.from_array(np.array([blocks, bs], np.int64), f"{stem}_block"),
-            numpy_helper.from_array(np.array([-1], np.int64), f"{stem}_last")])
-        node.input[3], node.output[0] = f"{stem}_zero0", f"{out}_codes"
         p = f"{stem}_offset"
+        graph.initializer.extend([
+            numpy_helper.from_array(np.ascontiguousarray((scales * (centre - zeros)).T.astype(np.float32)),
+                                    f"{stem}_offsets"),
+            numpy_helper.from_array(np.array([blocks, bs], np.int64), f"{p}_block"),
+            numpy_helper.from_array(np.array([-1], np.int64), f"{p}_last")])
+        if qdq:
+            packed = numpy_helper.to_array(inits[stem]).reshape(n, k // 2)  # two codes a byte, low nibble first
+            codes = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(n, k).T.astype(np.int8) - centre
+            graph.initializer.extend([
+                ir.serde.serialize_tensor(ir.Tensor(codes.astype(ml_dtypes.int4), name=f"{stem}_DQ")),
+                numpy_helper.from_array(np.ascontiguousarray(scales.T), f"{stem}_DQ_scales")])
+            nodes += [onnx.helper.make_node("DequantizeLinear", [f"{stem}_DQ", f"{stem}_DQ_scales"], [f"{stem}_W"],
+                                            axis=0, block_size=bs, name=f"{stem}_dequantize"),
+                      onnx.helper.make_node("MatMul", [x, f"{stem}_W"], [f"{out}_codes"], name=f"{stem}_matmul")]
+        else:
+            graph.initializer.append(numpy_helper.from_array(np.zeros(n * -(-blocks * q.bits // 8), np.uint8),
+                                                             f"{stem}_zero0"))
+            node.input[3], node.output[0] = f"{stem}_zero0", f"{out}_codes"
+            if q.accuracy_level:  # ONNX Runtime's HQQ path does not write it
+                node.attribute.append(onnx.helper.make_attribute("accuracy_level", q.accuracy_level))
+            nodes.append(node)
         nodes += [
             onnx.helper.make_node("Shape", [x], [f"{p}_lead"], end=-1, name=f"{p}_shape"),
-            onnx.helper.make_node("Concat", [f"{p}_lead", f"{stem}_block"], [f"{p}_dims"], axis=0, name=f"{p}_dims"),
+            onnx.helper.make_node("Concat", [f"{p}_lead", f"{p}_block"], [f"{p}_dims"], axis=0, name=f"{p}_dims"),
             onnx.helper.make_node("Reshape", [x, f"{p}_dims"], [f"{p}_xb"], name=f"{p}_reshape"),
-            onnx.helper.make_node("ReduceSum", [f"{p}_xb", f"{stem}_last"], [f"{p}_sums"], keepdims=0,
-                                  name=f"{p}_sum"),
+            onnx.helper.make_node("ReduceSum", [f"{p}_xb", f"{p}_last"], [f"{p}_sums"], keepdims=0, name=f"{p}_sum"),
             onnx.helper.make_node("MatMul", [f"{p}_sums", f"{stem}_offsets"], [f"{p}_add"], name=f"{p}_matmul"),
             onnx.helper.make_node("Add", [f"{out}_codes", f"{p}_add"], [out], name=f"{p}_add"),
         ]
     graph.ClearField("node")
     graph.node.extend(nodes)
     _drop_unused_initializers(graph)
+    if qdq:
+        _qdq_opset(model)
 
 
 def quantized_matmuls(model) -> int:

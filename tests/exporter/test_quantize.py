@@ -39,7 +39,7 @@ def test_every_layer_and_head_matmul_is_quantised_and_recorded(fixture, weights,
     q = m.data["quantization"]
     assert q["settings"] == {"weights": weights, "bits": {"int4": 4, "int8": 8}[weights], "head_weights": "int8",
                              "block_size": 32,
-                             "method": "hqq" if (weights, fmt) == ("int4", "ort") else "rtn", "symmetric": fmt == "qdq",
+                             "method": "hqq" if weights == "int4" else "rtn", "symmetric": fmt == "qdq",
                              "accuracy_level": None, "format": fmt}
     assert q["source_export"] == str(source.folder.resolve())
     assert m.fingerprint == source.fingerprint and m.num_layers == source.num_layers
@@ -55,9 +55,12 @@ def test_every_layer_and_head_matmul_is_quantised_and_recorded(fixture, weights,
         if fmt == "ort":
             assert ops.get("MatMulNBits") == (n if name != "head" else 1) and "DequantizeLinear" not in ops
             assert opset["com.microsoft"] == 1
+            inits = {i.name: i for i in model.graph.initializer}
+            for node in (x for x in model.graph.node if x.op_type == "MatMulNBits"):  # the kernel's fast path:
+                assert inits[node.input[3]].data_type == onnx.TensorProto.UINT8  # integer zero points only
         else:
             assert ops.get("DequantizeLinear") == (n if name != "head" else 1) and "MatMulNBits" not in ops
-            assert opset[""] == 21
+            assert opset[""] == 21 and "com.microsoft" not in opset
         assert "Gemm" not in ops  # OPT's fc1/fc2 were Gemms: turned into MatMuls so that they are quantised
         assert not [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2
                     and min(i.dims) >= 32], "an fp32 weight matrix was left unquantised"
@@ -155,9 +158,9 @@ def test_refusals(tiny_llama_export, quantized, tmp_path):
         WeightQuant("int4", format="qdq", symmetric=False)
     with pytest.raises(ValueError, match="needs --format ort"):
         WeightQuant("int8", format="qdq", accuracy_level=4)
-    with pytest.raises(ValueError, match="needs --format ort and asymmetric"):
+    with pytest.raises(ValueError, match="with --format ort it is asymmetric"):
         WeightQuant("int4", symmetric=True, method="hqq")
-    with pytest.raises(ValueError, match="use --method rtn .the int8 default."):
+    with pytest.raises(ValueError, match="use --method rtn, the int8 default"):
         WeightQuant("int8", method="hqq")
     assert WeightQuant("int4", symmetric=True).method == WeightQuant("int8").method == "rtn"
     with pytest.raises(ValueError, match="power of two"):

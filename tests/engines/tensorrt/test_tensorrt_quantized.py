@@ -29,3 +29,17 @@ def test_matmulnbits_export_is_refused_naming_the_qdq_format(quantized, rtx, tmp
     with pytest.raises(ValueError, match="--format qdq"):
         build_engines(m.folder, tmp_path / "engines", backend="tensorrt-rtx", progress=False, log=quiet)
     assert not (tmp_path / "engines").exists() or not list((tmp_path / "engines").iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weights", ["int4", "int8"])
+def test_every_quantised_smollm2_subgraph_builds(weights, smollm2_export, rtx, tmp_path):
+    from dlexport.exporter.quantize import WeightQuant, quantize
+
+    m = quantize(smollm2_export.folder, tmp_path / "q", WeightQuant(weights, format="qdq"), progress=False, log=quiet)
+    build_engines(m.folder, tmp_path / "engines", backend="tensorrt-rtx", progress=False, log=quiet, max_batch=1,
+                  max_prompt=512, max_context=2048)
+    data = json.loads((tmp_path / "engines" / "engines.json").read_text())
+    assert len(data["engines"]) == 32
+    fp32_layer = smollm2_export.path("layer_00").stat().st_size
+    assert (tmp_path / "engines" / data["engines"]["layer_00"]["file"]).stat().st_size < fp32_layer / 2
