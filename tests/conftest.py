@@ -69,3 +69,22 @@ def smollm2_export(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_model():
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def quantized(tmp_path_factory, request):
+    """quantized(fixture_name, weights, format) -> that tiny export quantised (made once per session per setting)."""
+    from dlexport.exporter.quantize import WeightQuant, quantize
+
+    made = {}
+
+    def make(fixture: str, weights: str, fmt: str):
+        key = (fixture, weights, fmt)
+        if key not in made:
+            source = request.getfixturevalue(fixture)
+            out = tmp_path_factory.mktemp(f"{fixture}-{weights}-{fmt}") / "export"
+            made[key] = quantize(source.folder, out, WeightQuant(weights, format=fmt), progress=False,
+                                 log=lambda *a: None)
+        return made[key]
+
+    return make

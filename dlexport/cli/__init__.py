@@ -7,9 +7,9 @@ import re
 import sys
 
 from ..errors import DlexportError
-from . import building, exporting, planning, profiling, running
+from . import building, exporting, planning, profiling, quantizing, running
 
-COMMAND_MODULES = [exporting, running, planning, building, profiling]
+COMMAND_MODULES = [exporting, quantizing, running, planning, building, profiling]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,8 +23,10 @@ def _command(args) -> str:
     words = ["dlexport", "bench", str(args.dir)]
     for plan in args.plan:
         words += ["--plan", str(plan)]
+    for other in args.compare:
+        words += ["--compare", str(other)]
     for key in ("baseline", "prompt_tokens", "new_tokens", "repeats", "prompts", "threads", "threads_sweep", "device",
-                "profile", "mono_dir", "out"):
+                "profile", "mono_dir", "gguf", "out"):
         value = getattr(args, key)
         if key == "baseline" and args.threads_sweep:
             continue  # the sweep runs the full model and the plans only
@@ -53,7 +55,8 @@ def register(sub) -> None:
     p.add_argument("dir", type=Path, help="export folder or engine folder")
     p.add_argument("--plan", type=Path, action="append", default=[], help="plan.json (repeat for several)")
     p.add_argument("--baseline", default="full,hf,onnx-mono",
-                   help="comma-separated from full, hf, onnx-mono (full always runs: every ratio is against it)")
+                   help="comma-separated from full, hf, onnx-mono, llamacpp (needs --gguf; full always runs: "
+                        "every ratio is against it)")
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (each runs every entry once)")
@@ -66,6 +69,11 @@ def register(sub) -> None:
                                                  "DIR/profile.json when present)")
     p.add_argument("--mono-dir", type=Path, help="where the monolithic baseline graph is (exported there if "
                                                   "missing; default: a cache folder per model)")
+    p.add_argument("--compare", type=Path, action="append", default=[],
+                   help="another export or engine folder of the same model whose full depth runs alongside "
+                        "(e.g. the fp32 export next to its int4 copy; repeatable)")
+    p.add_argument("--gguf", type=Path, help="with --baseline llamacpp: the GGUF llama.cpp runs (pip install "
+                                             "dlexport[llamacpp])")
     p.add_argument("--out", type=Path, required=True, help="folder for bench.json, bench.md and bench.png")
     p.set_defaults(func=_bench)
 
@@ -108,7 +116,7 @@ def _bench(args) -> int:
     result = run_bench(args.dir, plans, baselines=baselines, prompt_tokens=args.prompt_tokens,
                        new_tokens=args.new_tokens, repeats=args.repeats, prompt_count=args.prompts,
                        threads=args.threads, device=args.device, profile=profile, mono_dir=args.mono_dir,
-                       command=_command(args), log=_err)
+                       command=_command(args), gguf=args.gguf, compare=args.compare, log=_err)
     table = CostTable.load(profile) if profile else None
     paths = write_outputs(result, args.out, table, manifest)
     print(markdown(result))

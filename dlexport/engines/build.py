@@ -80,6 +80,13 @@ class _TrtBackend:
         from .tensorrt.compat import load_flavour
         from .tensorrt.config import settings_for
 
+        quant = manifest.data.get("quantization")
+        if quant and quant["settings"]["format"] != "qdq":
+            raise ValueError(f"{manifest.folder} holds ONNX Runtime's MatMulNBits operator (`dlexport quantize "
+                             f"--format {quant['settings']['format']}`); {flavour_name} engines are built from the "
+                             "Q/DQ form (TensorRT for RTX 1.7 refuses MatMulNBits on fp32 activations): quantise "
+                             "the source export with `dlexport quantize --format qdq`, or build this one with "
+                             "--backend onnxruntime")
         self.flavour = load_flavour(flavour_name)
         self.manifest, self.out, self.share = manifest, out, share_timing_cache
         self.settings = settings_for(flavour_name, precision, max_positions=manifest.arch["max_positions"], **options)

