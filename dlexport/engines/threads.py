@@ -40,7 +40,7 @@ def resolve_threads(threads: int | None) -> int:
     if threads is None:
         return _pool_size or default_threads()
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise InputError(f"threads must be a whole number >= 1 (or None for the default, {default_threads()} here); "
+        raise InputError(f"threads must be a whole number >= 1 (leave it out for the default, {default_threads()} here); "
                          f"got {threads!r}")
     return threads
 

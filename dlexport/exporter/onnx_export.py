@@ -186,7 +186,9 @@ def _legacy_export(folder: Path):
     files = [f["path"] for s in data["subgraphs"].values() for f in s["files"]] + [MANIFEST, JOURNAL, "profile.json"]
     if data.get("tokenizer"):
         files += [p.relative_to(folder).as_posix() for p in (folder / "tokenizer").rglob("*") if p.is_file()]
-    return {k: data.get(k) for k in ("fingerprint", "dtype", "opset", "format_version")}, files
+    identity = {k: data.get(k) for k in ("fingerprint", "dtype", "opset")}
+    identity["kv"] = data.get("kv", "portable")  # exports from before the KV flavours are portable
+    return {**identity, "format_version": data.get("format_version")}, files
 
 
 def _still_whole(folder: Path, facts) -> bool:
@@ -207,6 +209,7 @@ def _previous_entries(out: Path, identity: dict) -> dict:
     except DlexportError:
         return {}
     subs = old.get("subgraphs")
+    old.setdefault("kv", "portable")  # exports from before the KV flavours are portable
     if not isinstance(subs, dict) or {k: old.get(k) for k in identity} != identity:
         return {}
     return {name: entry for name, entry in subs.items() if isinstance(entry, dict)}

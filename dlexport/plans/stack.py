@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..contract import PAST_LENGTH, is_inplace
 from ..exporter.architectures import architecture_for, sequence_mask
 
 
@@ -153,7 +154,8 @@ class ExportStack(Stack):
         a = self.manifest.arch
         self.num_layers, self.hidden_size, self.chunk_tokens = a["num_layers"], a["hidden_size"], chunk_tokens
         self.kv_heads, self.head_dim = a["num_kv_heads"], a["head_dim"]
-        self._masks: dict[int, torch.Tensor] = {}
+        self.head_module = None  # the head is a graph here: scored over the full vocabulary only
+        self._masks: dict[tuple, torch.Tensor] = {}
 
     def _run(self, name: str, feeds: dict) -> list[torch.Tensor]:
         engine = self.engines[name]
@@ -161,18 +163,27 @@ class ExportStack(Stack):
         return [out[o.name] for o in engine.outputs]
 
     @torch.inference_mode()
-    def embed(self, ids: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    def embed(self, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        engine = self.engines["embed"]
         out = self._run("embed", {"input_ids": ids, "position_ids": torch.arange(ids.shape[1]).expand_as(ids)})
-        return out[0], tuple(out[1:])
+        return out[0], {o.name: t for o, t in zip(engine.outputs[1:], out[1:])}
 
     @torch.inference_mode()
-    def layer(self, i: int, hidden: torch.Tensor, extras: tuple) -> torch.Tensor:
+    def layer(self, i: int, hidden: torch.Tensor, extras: dict) -> torch.Tensor:
         b, t = hidden.shape[:2]
         key = self.manifest.layer_key(i)
-        empty = hidden.new_zeros(b, self.kv_heads, 0, self.head_dim)
-        feeds = {"hidden_states": hidden, "attention_mask": self._mask(t).expand(b, 1, t, t)}
-        feeds.update(zip(("rotary_cos", "rotary_sin"), extras))
-        feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = empty
+        engine = self.engines[key]
+        window = (self.manifest.arch.get("layer_windows") or [None] * self.num_layers)[i]
+        feeds = {"hidden_states": hidden,
+                 "attention_mask": self.mask(t, window).to(hidden.dtype).expand(b, 1, t, t)}
+        feeds.update((s.name, extras[s.name]) for s in engine.inputs if s.name.startswith("rotary_"))
+        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+        if is_inplace(engine.inputs):  # a buffer of exactly the sequence, written by the layer itself
+            buffers = [hidden.new_zeros(b, self.kv_heads, t, self.head_dim) for _ in range(2)]
+            feeds.update({past_k: buffers[0], past_v: buffers[1], PAST_LENGTH: torch.zeros(b, dtype=torch.int64)})
+            out = engine.run(feeds, {f"present.{i}.key": buffers[0], f"present.{i}.value": buffers[1]})
+            return out["hidden_states_out"]
+        feeds[past_k] = feeds[past_v] = hidden.new_zeros(b, self.kv_heads, 0, self.head_dim)
         return self._run(key, feeds)[0]
 
     @torch.inference_mode()

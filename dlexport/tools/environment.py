@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from importlib.metadata import PackageNotFoundError, version
 
 
@@ -38,3 +39,19 @@ def versions() -> dict:
     pkgs = ("dlexport", "torch", "transformers", "onnxruntime", "onnxruntime-gpu", "tensorrt", "numpy")
     found = {p: _version(p) for p in pkgs}
     return {"python": platform.python_version(), **{k: v for k, v in found.items() if v}}
+
+
+def profile_meta(manifest, folder, tool: str, device: str, backend: str, contexts) -> dict:
+    """What every profile.json records about where and how it was measured (either tool)."""
+    return {
+        "tool": tool,
+        "folder": str(folder),
+        "model": {"source": manifest.data.get("source"), "fingerprint": manifest.fingerprint,
+                  "num_layers": manifest.num_layers, "dtype": manifest.dtype},
+        "backend": backend,
+        "device": describe_device(device),
+        "versions": versions(),
+        "contexts": list(contexts),
+        "batch": 1,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

@@ -17,7 +17,7 @@ from ..engines.threads import use_threads
 from ..errors import InputError
 from ..files import read_json
 from .costs import PHASES, CostTable, phase_shape
-from .environment import describe_device, versions
+from .environment import profile_meta
 from .stats import summary_ms
 
 DEFAULT_CONTEXTS = (128, 512, 1024)
@@ -105,21 +105,6 @@ def profile_builtin(folder: Path | str, contexts=DEFAULT_CONTEXTS, *, device: st
     meta = profile_meta(manifest, folder, "builtin", device, built["backend"], contexts)
     meta.update({"threads": threads, "timing": "engines called in rounds, once each per round, in model order"})
     return CostTable(entries, meta, skipped)
-
-
-def profile_meta(manifest, folder, tool: str, device: str, backend: str, contexts) -> dict:
-    return {
-        "tool": tool,
-        "folder": str(folder),
-        "model": {"source": manifest.data.get("source"), "fingerprint": manifest.fingerprint,
-                  "num_layers": manifest.num_layers, "dtype": manifest.dtype},
-        "backend": backend,
-        "device": describe_device(device),
-        "versions": versions(),
-        "contexts": list(contexts),
-        "batch": 1,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
 
 
 def run_profile(folder: Path | str, *, tool: str = "builtin", contexts=DEFAULT_CONTEXTS, device: str = "cpu",

@@ -32,6 +32,7 @@ from ..contract import TensorSpec, is_inplace
 from ..files import read_json
 from ..manifest import Manifest
 from .costs import PHASES, CostTable, phase_shape
+from .environment import profile_meta
 from .stats import percentile
 
 ENGINES_JSON = "engines.json"
@@ -190,7 +191,6 @@ def plan_runs(folder: Path, contexts, binary: str, version, settings: TrtexecSet
 def profile_trtexec(folder: Path | str, contexts, *, device: str = "cuda", cuda_graph: bool = False,
                     settings: TrtexecSettings | None = None, keep_dir: Path | None = None, log=print) -> CostTable:
     """Run trtexec per engine, phase and context; raises TrtexecUnavailableError where there is no trtexec."""
-    from .profile import profile_meta
 
     binary = find_trtexec()
     version = trtexec_version(binary)

@@ -20,7 +20,7 @@ def _error_line(capsys) -> str:
     (["--temperature", "-1"], "temperature is -1.0"),
     (["--temperature", "1", "--top-p", "nan"], "top_p is nan"),
     (["--strategy", "speculative", "--draft-layers", "0-1", "--draft-k", "-2"], "draft k"),
-    (["--threads", "0"], "threads is 0"),
+    (["--threads", "0"], "threads must be a whole number >= 1"),
 ])
 def test_run_refusals_are_one_line(tiny_opt_export, capsys, extra, message):
     assert main(["run", str(tiny_opt_export.folder), "--prompt", "hi"] + extra) == 2

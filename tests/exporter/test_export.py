@@ -27,7 +27,7 @@ def test_export_writes_every_subgraph_and_validates(fixture, request):
     manifest.verify_files()
 
 
-def test_manifest_records_architecture_files_and_io(tiny_llama_export):
+def test_manifest_records_architecture_files_and_io(tiny_llama_export, tiny_llama_portable_export):
     m = tiny_llama_export.data
     assert m["architecture"] == {"model_type": "llama", "num_layers": 4, "hidden_size": 64, "num_heads": 4,
                                  "num_kv_heads": 2, "head_dim": 16, "vocab_size": 512, "max_positions": 256,
@@ -35,18 +35,32 @@ def test_manifest_records_architecture_files_and_io(tiny_llama_export):
     assert m["dtype"] == "float32" and m["opset"] == 18 and len(m["fingerprint"]) == 32
     layer = m["subgraphs"]["layer_02"]
     names = [s["name"] for s in layer["inputs"]]
+    assert m["kv"] == "inplace"  # the default flavour: the cache buffer is the layer's past and present
     assert names == ["hidden_states", "attention_mask", "rotary_cos", "rotary_sin",
-                     "past_key_values.2.key", "past_key_values.2.value"]
+                     "past_key_values.2.key", "past_key_values.2.value", "past_length"]
     assert [s["name"] for s in layer["outputs"]] == ["hidden_states_out", "present.2.key", "present.2.value"]
+    assert layer["inputs"][4]["shape"] == layer["outputs"][1]["shape"] == ["batch", 2, "capacity", 16]
+    assert layer["inputs"][6] == {"name": "past_length", "shape": ["batch"], "dtype": "int64"}
+    portable = tiny_llama_portable_export.data
+    layer = portable["subgraphs"]["layer_02"]
+    assert portable["kv"] == "portable" and portable["fingerprint"] == m["fingerprint"]
+    assert [s["name"] for s in layer["inputs"]] == names[:-1]
     assert layer["inputs"][4]["shape"] == ["batch", 2, "past", 16]
+    assert layer["outputs"][1]["shape"] == ["batch", 2, "tokens", 16]
 
 
-def test_onnx_graph_dims_carry_the_contract_names(tiny_opt_export):
-    model = onnx.load(tiny_opt_export.path("layer_01"))
+@pytest.mark.parametrize("fixture, past, opset", [("tiny_opt_export", "capacity", 24),
+                                                  ("tiny_opt_portable_export", "past", 18)])
+def test_onnx_graph_dims_carry_the_contract_names(fixture, past, opset, request):
+    manifest = request.getfixturevalue(fixture)
+    model = onnx.load(manifest.path("layer_01"))
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
     assert dims["attention_mask"] == ["batch", 1, "tokens", "past_plus_tokens"]
-    assert dims["past_key_values.1.key"] == ["batch", 4, "past", 16]
+    assert dims["past_key_values.1.key"] == ["batch", 4, past, 16]
     assert "rotary_cos" not in dims  # OPT has learned positions, no rotary inputs
+    assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {opset}
+    ops = {n.op_type for n in model.graph.node}
+    assert ("TensorScatter" in ops) == (past == "capacity")
 
 
 @pytest.mark.parametrize("shape", ["tiny-opt-project", "tiny-opt-postnorm"])

@@ -39,6 +39,7 @@ class OrtEngine(Engine):
         buffers (views valid until this engine's next call). A binding whose address and shape did not change since
         the last call (a request's KV buffers) is kept as it is."""
         b, bound = self._binding, self._bound
+        feeds = {name: t.contiguous() for name, t in feeds.items()}  # bound by address: held until the run is done
         for name, t in feeds.items():
             key = (t.data_ptr(), tuple(t.shape))
             if bound.get(name) != key:
@@ -63,8 +64,8 @@ class OrtEngine(Engine):
         ONNX Runtime runs on torch's current stream (``user_compute_stream``), so ordering needs no extra sync.
         """
         b = self._binding
+        feeds = {name: t.contiguous() for name, t in feeds.items()}  # copies are held until the run is done
         for name, t in feeds.items():
-            t = t.contiguous()
             b.bind_input(name, "cuda", self.config.device_id, _NP[t.dtype], tuple(t.shape), t.data_ptr())
         outs = {}
         for spec in self.outputs:

@@ -82,12 +82,12 @@ class TrtEngine(Engine):
         if profile != self._profile:
             ctx.set_optimization_profile_async(profile, stream)
             self._profile = profile
+        # Converted copies are held until the engine is enqueued (freed earlier, the next copy could take their
+        # memory before the engine reads it); freed on return, torch reuses them only for later work on this stream.
+        held = {name: feeds[name].to(self._dtypes[name]).contiguous() for name in shapes}
         for name, shape in shapes.items():
-            # A converted copy may be freed on return: torch reuses its memory only for later work on this same
-            # stream, which runs after the engine has read it.
-            t = feeds[name].to(self._dtypes[name]).contiguous()
             ctx.set_input_shape(name, shape)
-            ctx.set_tensor_address(name, t.data_ptr())
+            ctx.set_tensor_address(name, held[name].data_ptr())
         outs = {}
         for spec in self.outputs:
             t = (out or {}).get(spec.name)

@@ -91,8 +91,9 @@ def test_gemma3_records_its_layer_kinds_and_rotary_pairs(family_export):
     assert embed_out == ["hidden_states", "rotary_cos", "rotary_sin", "rotary_cos_local", "rotary_sin_local"]
     local, glob = ([s["name"] for s in m.subgraph(m.layer_key(i))["inputs"]] for i in (0, 1))
     assert local == ["hidden_states", "attention_mask", "rotary_cos_local", "rotary_sin_local",
-                     "past_key_values.0.key", "past_key_values.0.value"]
-    assert glob[2:4] == ["rotary_cos", "rotary_sin"] and glob[4:] == ["past_key_values.1.key", "past_key_values.1.value"]
+                     "past_key_values.0.key", "past_key_values.0.value", "past_length"]
+    assert glob[2:4] == ["rotary_cos", "rotary_sin"]
+    assert glob[4:] == ["past_key_values.1.key", "past_key_values.1.value", "past_length"]
 
 
 def test_phi3_partial_rotary_exports_narrow_cos_sin(family_export):

@@ -1,0 +1,66 @@
+"""Imports only point down the layers (issue 10), checked on the source so that a new upward import fails CI.
+
+contract, errors -> checks, files -> manifest -> exporter | engines -> runtime -> tools -> plans -> cli (a package
+imports only from lower layers, never sideways). Lazy imports inside functions count too: they are cycles all the
+same, only deferred.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import dlexport
+
+RANK = {"__init__": 0, "contract": 0, "errors": 0, "checks": 1, "files": 1, "manifest": 2, "exporter": 3,
+        "engines": 3, "runtime": 4, "tools": 5, "plans": 6, "cli": 7, "__main__": 8}
+# Upward imports that remain, each with the reason; the list may only shrink.
+KNOWN = {
+    ("dlexport.exporter.validate", "runtime"): "end-to-end validation runs the stitched runtime: to move above both",
+    ("dlexport.exporter.validate", "engines"): "per-subgraph validation opens ONNX Runtime sessions",
+    ("dlexport.engines.build", "exporter"): "`dlexport build --model` exports first: orchestration to move up",
+    ("dlexport.engines.build", "runtime"): "a build for a plan reads the plan (runtime.plan)",
+}
+
+
+def _imports():
+    root = Path(dlexport.__file__).parent
+    for path in root.rglob("*.py"):
+        mod = ".".join(("dlexport",) + path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        pkg = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    parts = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                    target = ".".join(parts + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                if target.startswith("dlexport"):
+                    yield mod, target
+            elif isinstance(node, ast.Import):
+                yield from ((mod, a.name) for a in node.names if a.name.startswith("dlexport"))
+
+
+def _unit(mod: str) -> str:
+    parts = mod.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def test_every_package_has_a_layer():
+    root = Path(dlexport.__file__).parent
+    units = {p.stem if p.is_file() else p.name for p in root.iterdir() if p.suffix == ".py" or (p / "__init__.py").exists()}
+    assert units <= set(RANK), f"give {sorted(units - set(RANK))} a layer in RANK"
+
+
+def test_imports_point_down():
+    wrong = set()
+    for mod, target in _imports():
+        a, b = _unit(mod), _unit(target)
+        if a != b and RANK[b] >= RANK[a] and (mod, b) not in KNOWN and b != "__init__":
+            wrong.add(f"{mod} imports {target} ({a} is layer {RANK[a]}, {b} is layer {RANK[b]})")
+    assert not wrong, "\n".join(sorted(wrong))
+
+
+def test_the_known_exceptions_still_exist():
+    """An exception that was fixed is removed from KNOWN, so it cannot silently come back."""
+    found = {(mod, _unit(target)) for mod, target in _imports()}
+    assert set(KNOWN) <= found, sorted(set(KNOWN) - found)
