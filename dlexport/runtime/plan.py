@@ -186,6 +186,9 @@ class Plan:
                 for i, w in enumerate(e.weights):
                     checks.number(w, f"{where}: 'exit.classifier.weights[{i}]'")
                 checks.number(e.bias, f"{where}: 'exit.classifier.bias'")
+            elif e.features or e.weights or e.bias:
+                raise PlanError(f"{where}: classifier features, weights or bias are given but 'exit.criterion' is "
+                                f"{e.criterion!r}, which does not use them: drop them or use criterion 'classifier'")
             for i, a in enumerate(e.adapters):
                 checks.integer(a.layer, f"{where}: 'exit.adapters[{i}].layer'", 0, n - 1)
                 checks.text(a.file, f"{where}: 'exit.adapters[{i}].file'", MAX_TEXT)

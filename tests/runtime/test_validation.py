@@ -117,7 +117,7 @@ def test_speculative_draft_is_checked(rt, tiny_opt_export):
 
 
 def test_threads_and_device_are_checked(tiny_opt_export):
-    for kw, message in [({"threads": 0}, "threads is 0"), ({"threads": 1.5}, "threads must be an integer"),
+    for kw, message in [({"threads": 0}, "threads must be a whole number >= 1"), ({"threads": 1.5}, "threads must be a whole number >= 1"),
                         ({"device": "cuda:x"}, "GPU number"), ({"device": "tpu"}, "unknown device")]:
         with pytest.raises(DlexportError, match=message):
             Runtime.load(tiny_opt_export.folder, **kw)

@@ -40,5 +40,5 @@ def test_monolithic_graph_of_a_sliding_window_model_takes_both_masks(family_expo
     names = [s["name"] for s in json.loads((folder / INFO).read_text())["inputs"]]
     assert names[:4] == ["input_ids", "position_ids", "attention_mask", "sliding_attention_mask"]
     prompt = list(range(7, 20))
-    tokens, _ = MonolithicModel(folder, manifest, threads=1).generate_timed(prompt, 12)  # 25 positions, window 4
-    assert tokens == Runtime.load(manifest.folder, threads=1).generate([prompt], 12, stop_tokens=[]).tokens[0]
+    tokens, _ = MonolithicModel(folder, manifest).generate_timed(prompt, 12)  # 25 positions, window 4
+    assert tokens == Runtime.load(manifest.folder).generate([prompt], 12, stop_tokens=[]).tokens[0]

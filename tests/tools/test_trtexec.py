@@ -93,8 +93,11 @@ def _profiles(max_prompt, max_context, inputs):
 
 
 @pytest.fixture
-def engine_folder(tmp_path, tiny_llama_export):
-    """An engine folder index as `dlexport build` writes it (engines.json), with empty stand-in engine files."""
+def engine_folder(tmp_path, tiny_llama_portable_export):
+    """An engine folder index as `dlexport build` writes it (engines.json), with empty stand-in engine files.
+
+    Portable layers: trtexec would feed an in-place layer's write index random values (refused below)."""
+    tiny_llama_export = tiny_llama_portable_export
     engines = {}
     for name in ("embed", tiny_llama_export.layer_key(0), "head"):
         sub = tiny_llama_export.subgraph(name)
@@ -183,7 +186,17 @@ def test_onnxruntime_engine_folders_are_refused(engine_folder, fake_trtexec):
 
 
 @pytest.mark.skipif(shutil.which("trtexec") is None, reason="trtexec is not installed here")
-def test_real_trtexec_on_a_tiny_engine_folder(tiny_llama_export, tmp_path):
+def test_in_place_engine_folders_are_refused_with_the_ways_out(engine_folder, tiny_llama_export, tmp_path):
+    data = json.loads((engine_folder / "engines.json").read_text())
+    layer = tiny_llama_export.layer_key(0)
+    data["engines"][layer]["inputs"] = tiny_llama_export.subgraph(layer)["inputs"]  # with past_length
+    (engine_folder / "engines.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="in-place KV layers.*--tool builtin.*--kv portable"):
+        plan_runs(engine_folder, [32], "trtexec", (10, 3, 0), TrtexecSettings(), tmp_path / "out")
+
+
+def test_real_trtexec_on_a_tiny_engine_folder(tiny_llama_portable_export, tmp_path):
+    tiny_llama_export = tiny_llama_portable_export
     pytest.importorskip("tensorrt")
     out = tmp_path / "engines"
     subprocess.run([sys.executable, "-m", "dlexport.cli", "build", "--from-export", str(tiny_llama_export.folder),
