@@ -14,6 +14,8 @@ def register(sub) -> None:
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--no-validate", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace an export of another model in --out")
+    p.add_argument("--trace-every-layer", action="store_true",
+                   help="trace each layer instead of one per layer structure (slower; the files come out the same)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("inspect", help="summarise an export or engine folder")
@@ -29,7 +31,7 @@ def _export(args) -> int:
     from ..exporter import export
 
     export(args.model, args.out, random_weights=args.random_weights, dtype=args.dtype, opset=args.opset,
-           validate=not args.no_validate, overwrite=args.overwrite)
+           validate=not args.no_validate, overwrite=args.overwrite, reuse_traces=not args.trace_every_layer)
     return 0
 
 

@@ -93,6 +93,9 @@ def test_gemma3_records_its_layer_kinds_and_rotary_pairs(family_export):
     assert local == ["hidden_states", "attention_mask", "rotary_cos_local", "rotary_sin_local",
                      "past_key_values.0.key", "past_key_values.0.value"]
     assert glob[2:4] == ["rotary_cos", "rotary_sin"] and glob[4:] == ["past_key_values.1.key", "past_key_values.1.value"]
+    from dlexport.exporter.inspect import describe
+
+    assert "attention    layers 0, 2, 3: sliding window of 4; layers 1, 4: global" in describe(m.folder)
 
 
 def test_phi3_partial_rotary_exports_narrow_cos_sin(family_export):
