@@ -19,6 +19,8 @@ def register(sub) -> None:
     p.add_argument("--no-validate", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace an export of another model in --out (only the "
                                                             "files dlexport wrote there; nothing else is touched)")
+    p.add_argument("--trace-every-layer", action="store_true",
+                   help="trace each layer instead of one per layer structure (slower; the files come out the same)")
     p.set_defaults(func=_export, resumable=True)
 
     p = sub.add_parser("inspect", help="summarise an export or engine folder")
@@ -34,7 +36,7 @@ def _export(args) -> int:
     from ..exporter import export
 
     export(args.model, args.out, random_weights=args.random_weights, dtype=args.dtype, opset=args.opset, kv=args.kv,
-           validate=not args.no_validate, overwrite=args.overwrite)
+           validate=not args.no_validate, overwrite=args.overwrite, reuse_traces=not args.trace_every_layer)
     return 0
 
 

@@ -32,8 +32,18 @@ def describe(folder: Path) -> str:
         s = subs[name]
         lines.append(f"  {name:10s} in: {_io(s['inputs'])}")
         lines.append(f"  {'':10s} out: {_io(s['outputs'])}")
+    windows = a.get("layer_windows") or [None] * a["num_layers"]
+    if any(w is not None for w in windows):
+        kinds = {}
+        for i, w in enumerate(windows):
+            kinds.setdefault(w, []).append(str(i))
+        kind = {w: f"sliding window of {w}" if w else "global" for w in kinds}
+        lines.append("  attention    " + "; ".join(f"layers {', '.join(ls)}: {kind[w]}" for w, ls in kinds.items()))
+    rotary = {tuple(x["name"] for x in subs[m.layer_key(i)]["inputs"] if x["name"].startswith("rotary_"))
+              for i in range(a["num_layers"])}
     if a["num_layers"] > 1:
-        lines.append(f"  ({a['num_layers'] - 1} more layers with the same I/O, indices in the names)")
+        same = "the same I/O" if len(rotary) <= 1 else "the same I/O but the rotary pair of their kind"
+        lines.append(f"  ({a['num_layers'] - 1} more layers with {same}, indices in the names)")
     v = m.data.get("validation")
     if v:
         worst = max(v["subgraphs"], key=lambda c: c["max_abs_diff"] / c["tolerance"])

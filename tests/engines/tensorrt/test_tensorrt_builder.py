@@ -1,4 +1,5 @@
-"""Every subgraph of tiny OPT, tiny Llama and SmolLM2-135M parsed and built into a real engine by TensorRT for RTX."""
+"""Every subgraph of tiny OPT, Llama, Gemma 3, Phi-3 and SmolLM2-135M parsed and built into a real engine by TensorRT
+for RTX."""
 import json
 
 import pytest
@@ -44,6 +45,14 @@ def test_every_tiny_subgraph_builds_with_both_profiles(fixture, request, rtx, tm
     data = _check_folder(tmp_path / "engines", manifest, rtx)
     assert data["settings"]["limits"] == {"max_batch": 2, "max_prompt": 64, "max_context": 128,
                                           "max_decode_tokens": 8}
+
+
+@pytest.mark.parametrize("shape", ["tiny-gemma3", "tiny-phi3"])
+def test_families_with_two_rotary_kinds_or_partial_rotary_build(shape, family_export, rtx, tmp_path):
+    manifest = family_export(shape)
+    build_engines(manifest.folder, tmp_path / "engines", backend="tensorrt-rtx", progress=False, log=quiet,
+                  max_batch=2, max_prompt=64, max_context=128)
+    _check_folder(tmp_path / "engines", manifest, rtx)
 
 
 @pytest.mark.slow

@@ -94,6 +94,9 @@ def test_gemma3_records_its_layer_kinds_and_rotary_pairs(family_export):
                      "past_key_values.0.key", "past_key_values.0.value", "past_length"]
     assert glob[2:4] == ["rotary_cos", "rotary_sin"]
     assert glob[4:] == ["past_key_values.1.key", "past_key_values.1.value", "past_length"]
+    from dlexport.exporter.inspect import describe
+
+    assert "attention    layers 0, 2, 3: sliding window of 4; layers 1, 4: global" in describe(m.folder)
 
 
 def test_phi3_partial_rotary_exports_narrow_cos_sin(family_export):
