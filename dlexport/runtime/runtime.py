@@ -10,6 +10,7 @@ never the cache. With a batch, a token exits only when every row passes the crit
 from __future__ import annotations
 
 import numbers
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -109,11 +110,30 @@ class Runtime:
         self.pad_id = special.get("pad_token_id")
         if self.pad_id is None:
             self.pad_id = self.eos[0] if self.eos else 0
-        self.profile = False
-        self._timings: dict[str, float] = {}
+        self._request = threading.local()  # per thread: whether this request times its calls, and the timings
         self.default_plan: Plan | None = None  # an engine folder built for a plan runs that plan by default
         self.threads: int | None = None  # CPU threads the engines were opened with (engines/threads.py)
         self.kv_capacity: int | None = None  # every request's KV buffer size, where the engines fix it (TensorRT)
+
+    # A request runs on one thread, so its profiling switch and timings live in thread-local state: concurrent
+    # requests on one Runtime never see each other's.
+    @property
+    def profile(self) -> bool:
+        return getattr(self._request, "profile", False)
+
+    @profile.setter
+    def profile(self, value: bool) -> None:
+        self._request.profile = value
+
+    @property
+    def _timings(self) -> dict[str, float]:
+        if not hasattr(self._request, "timings"):
+            self._request.timings = {}
+        return self._request.timings
+
+    @_timings.setter
+    def _timings(self, value: dict[str, float]) -> None:
+        self._request.timings = value
 
     @classmethod
     def load(cls, path: Path | str, *, backend: str = "onnxruntime", device: str = "cpu",

@@ -2,6 +2,7 @@
 too when outputs must land in given buffers (an in-place layer writing its KV buffer)."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,14 @@ class OrtEngine(Engine):
         self.on_gpu = config.provider in ("cuda", "tensorrt")
         self.device = torch.device("cuda", config.device_id) if self.on_gpu else torch.device("cpu")
         self._output_names = [o.name for o in outputs]
-        self._binding = self.session.io_binding()
-        self._pool = OutputPool(self.device)
-        self._bound: dict[str, tuple] = {}  # name -> (pointer, shape) last bound: unchanged bindings are kept
+        self._local = threading.local()  # bindings and output buffers per thread: requests may run concurrently
+
+    def _state(self):
+        """This thread's IO binding, its output buffers, and what is bound: name -> (pointer, shape)."""
+        st = self._local
+        if not hasattr(st, "binding"):
+            st.binding, st.pool, st.bound = self.session.io_binding(), OutputPool(self.device), {}
+        return st
 
     def run(self, feeds: dict[str, torch.Tensor], out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         if self.on_gpu:
@@ -38,7 +44,8 @@ class OrtEngine(Engine):
         """Every tensor bound by address: the given outputs (ONNX Runtime writes them in place), the others to reused
         buffers (views valid until this engine's next call). A binding whose address and shape did not change since
         the last call (a request's KV buffers) is kept as it is."""
-        b, bound = self._binding, self._bound
+        st = self._state()
+        b, bound = st.binding, st.bound
         feeds = {name: t.contiguous() for name, t in feeds.items()}  # bound by address: held until the run is done
         for name, t in feeds.items():
             key = (t.data_ptr(), tuple(t.shape))
@@ -49,7 +56,7 @@ class OrtEngine(Engine):
         for spec in self.outputs:
             t = out.get(spec.name)
             if t is None:
-                t = self._pool.view(spec.name, self.output_shape(spec, feeds), TORCH_DTYPES[spec.dtype])
+                t = st.pool.view(spec.name, self.output_shape(spec, feeds), TORCH_DTYPES[spec.dtype])
             key = (t.data_ptr(), tuple(t.shape))
             if bound.get(spec.name) != key:
                 b.bind_output(spec.name, "cpu", 0, _NP[t.dtype], key[1], key[0])
@@ -63,7 +70,8 @@ class OrtEngine(Engine):
 
         ONNX Runtime runs on torch's current stream (``user_compute_stream``), so ordering needs no extra sync.
         """
-        b = self._binding
+        st = self._state()
+        b = st.binding
         feeds = {name: t.contiguous() for name, t in feeds.items()}  # copies are held until the run is done
         for name, t in feeds.items():
             b.bind_input(name, "cuda", self.config.device_id, _NP[t.dtype], tuple(t.shape), t.data_ptr())
@@ -71,7 +79,7 @@ class OrtEngine(Engine):
         for spec in self.outputs:
             t = out.get(spec.name)
             if t is None:
-                t = self._pool.view(spec.name, self.output_shape(spec, feeds), TORCH_DTYPES[spec.dtype])
+                t = st.pool.view(spec.name, self.output_shape(spec, feeds), TORCH_DTYPES[spec.dtype])
             b.bind_output(spec.name, "cuda", self.config.device_id, _NP[t.dtype], tuple(t.shape), t.data_ptr())
             outs[spec.name] = t
         self.session.run_with_iobinding(b)
