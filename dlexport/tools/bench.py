@@ -21,6 +21,7 @@ from .environment import describe_device, versions
 from .stats import median, percentile
 
 BASELINES = ("full", "hf", "onnx-mono", "llamacpp")
+DEFAULT_BASELINES = ("full", "hf", "onnx-mono")  # llamacpp needs a GGUF
 
 
 @dataclass
@@ -175,7 +176,8 @@ def _load_hf(manifest: Manifest, device: str):
     return loaded.model.to(dtype).to(device).eval()
 
 
-def build_runs(folder: Path | str, plans: list[Plan], baselines=BASELINES, *, device: str = "cpu",
+def build_runs(folder: Path | str, plans: list[Plan], baselines=DEFAULT_BASELINES, *,
+               device: str = "cpu",
                threads: int | None = 1, mono_dir: Path | None = None, gguf: Path | None = None,
                context: int = 2048, compare=(), log=print) -> tuple[Runtime, dict[str, RunSpec]]:
     """The named runs: each plan, the full model (always: it is the reference of every ratio), then baselines,
@@ -325,7 +327,8 @@ def predictions(table: CostTable, layer_sets: dict[str, tuple[int, ...]], manife
     return out
 
 
-def run_bench(folder: Path | str, plans: list[Plan], *, baselines=BASELINES, prompt_tokens: int = 64,
+def run_bench(folder: Path | str, plans: list[Plan], *, baselines=DEFAULT_BASELINES,
+              prompt_tokens: int = 64,
               new_tokens: int = 64, repeats: int = 5, prompt_count: int = 3, threads: int | None = 1,
               device: str = "cpu", profile: Path | None = None, mono_dir: Path | None = None, warmup: int = 1,
               extra_runs: Callable[[Runtime], dict[str, RunSpec]] | None = None, command: str = "",
