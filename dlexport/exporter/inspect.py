@@ -34,6 +34,17 @@ def describe(folder: Path) -> str:
         lines.append(f"  {'':10s} out: {_io(s['outputs'])}")
     if a["num_layers"] > 1:
         lines.append(f"  ({a['num_layers'] - 1} more layers with the same I/O, indices in the names)")
+    q = m.data.get("quantization")
+    if q:
+        st, quality = q["settings"], q.get("quality")
+        lines.append(f"  weights      {st['weights']} (head {st['head_weights']}), {st['format']}, {st['method']}, block "
+                     f"{st['block_size']}, {'symmetric' if st['symmetric'] else 'asymmetric'}, accuracy level "
+                     f"{st['accuracy_level']}; from {q['source_export']}")
+        lines.append("  quality      " + (f"perplexity {quality['perplexity']['quantized']:.3f} vs "
+                                          f"{quality['perplexity']['reference']:.3f}, top-1 agreement "
+                                          f"{quality['agreement']:.4f} on {quality['tokens']} held-out tokens"
+                                          if quality else "not measured (`dlexport validate DIR`)"))
+        return "\n".join(lines)
     v = m.data.get("validation")
     if v:
         worst = max(v["subgraphs"], key=lambda c: c["max_abs_diff"] / c["tolerance"])
