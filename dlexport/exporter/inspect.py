@@ -44,6 +44,17 @@ def describe(folder: Path) -> str:
     if a["num_layers"] > 1:
         same = "the same I/O" if len(rotary) <= 1 else "the same I/O but the rotary pair of their kind"
         lines.append(f"  ({a['num_layers'] - 1} more layers with {same}, indices in the names)")
+    q = m.data.get("quantization")
+    if q:
+        st, quality = q["settings"], q.get("quality")
+        lines.append(f"  weights      {st['weights']} (head {st['head_weights']}), {st['format']}, {st['method']}, block "
+                     f"{st['block_size']}, {'symmetric' if st['symmetric'] else 'asymmetric'}, accuracy level "
+                     f"{st['accuracy_level']}; from {q['source_export']}")
+        lines.append("  quality      " + (f"perplexity {quality['perplexity']['quantized']:.3f} vs "
+                                          f"{quality['perplexity']['reference']:.3f}, top-1 agreement "
+                                          f"{quality['agreement']:.4f} on {quality['tokens']} held-out tokens"
+                                          if quality else "not measured (`dlexport validate DIR`)"))
+        return "\n".join(lines)
     v = m.data.get("validation")
     if v:
         worst = max(v["subgraphs"], key=lambda c: c["max_abs_diff"] / c["tolerance"])

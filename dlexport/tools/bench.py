@@ -24,6 +24,7 @@ from .environment import describe_device, versions
 from .stats import median, percentile
 
 BASELINES = ("full", "hf", "onnx-mono", "llamacpp")
+DEFAULT_BASELINES = ("full", "hf", "onnx-mono")  # llamacpp needs a GGUF
 
 
 @dataclass
@@ -178,7 +179,7 @@ def _load_hf(manifest: Manifest, device: str):
     return loaded.model.to(dtype).to(device).eval()
 
 
-def build_runs(folder: Path | str, plans: list[Plan], baselines=BASELINES, *, device: str = "cpu",
+def build_runs(folder: Path | str, plans: list[Plan], baselines=DEFAULT_BASELINES, *, device: str = "cpu",
                threads: int | None = None, mono_dir: Path | None = None, gguf: Path | None = None,
                context: int = 2048, compare=(), log=print) -> tuple[Runtime, dict[str, RunSpec]]:
     """The named runs: each plan, the full model (always: it is the reference of every ratio), then baselines,
@@ -230,7 +231,7 @@ def build_runs(folder: Path | str, plans: list[Plan], baselines=BASELINES, *, de
     for other in map(Path, compare):
         rt = Runtime.load(other, device=device, threads=threads)
         if rt.manifest.fingerprint != manifest.fingerprint:
-            raise ValueError(f"--compare {other} holds another model (fingerprint {rt.manifest.fingerprint}, not "
+            raise InputError(f"--compare {other} holds another model (fingerprint {rt.manifest.fingerprint}, not "
                              f"{manifest.fingerprint}): compare exports of the same model")
         name = f"full:{other.name}"
         runs[name] = RunSpec(name, "compare", stitched_runner(rt, Plan.full(rt.manifest)),
@@ -238,7 +239,7 @@ def build_runs(folder: Path | str, plans: list[Plan], baselines=BASELINES, *, de
                                    "quantization": (rt.manifest.data.get("quantization") or {}).get("settings")})
     if "llamacpp" in baselines:
         if device != "cpu":
-            raise ValueError("the llamacpp baseline runs llama.cpp's CPU build: use --device cpu")
+            raise InputError("the llamacpp baseline runs llama.cpp's CPU build: use --device cpu")
         runs["llamacpp"] = RunSpec("llamacpp", "llamacpp", llamacpp_runner(gguf, threads, context, manifest.num_layers),
                                    info={"gguf": str(Path(gguf).resolve()), "xllamacpp": _version("xllamacpp")})
     return runtime, runs
@@ -329,7 +330,7 @@ def predictions(table: CostTable, layer_sets: dict[str, tuple[int, ...]], manife
     return out
 
 
-def run_bench(folder: Path | str, plans: list[Plan], *, baselines=BASELINES, prompt_tokens: int = 64,
+def run_bench(folder: Path | str, plans: list[Plan], *, baselines=DEFAULT_BASELINES, prompt_tokens: int = 64,
               new_tokens: int = 64, repeats: int = 5, prompt_count: int = 3, threads: int | None = None,
               device: str = "cpu", profile: Path | None = None, mono_dir: Path | None = None, warmup: int = 1,
               extra_runs: Callable[[Runtime], dict[str, RunSpec]] | None = None, command: str = "",

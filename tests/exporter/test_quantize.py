@@ -194,6 +194,10 @@ def test_cli_quantize_validates_and_reports(tiny_opt_export, tmp_path, capsys):
     assert "quantised 25 MatMuls" in printed and "perplexity" in printed and "top-1 agreement" in printed
     quality = Manifest.load(out).data["quantization"]["quality"]
     assert quality["tokens"] >= 2000
+    assert main(["inspect", str(out)]) == 0
+    described = capsys.readouterr().out
+    assert "weights      int8 (head int8), qdq, rtn, block 32, symmetric" in described
+    assert f"top-1 agreement {quality['agreement']:.4f}" in described
     assert main(["quantize", str(tiny_opt_export.folder), "--out", str(tmp_path / "bad"), "--weights", "int4",
                  "--format", "qdq", "--no-symmetric"]) == 2
     assert "--format ort for asymmetric" in capsys.readouterr().err

@@ -41,5 +41,5 @@ def test_every_quantised_smollm2_subgraph_builds(weights, smollm2_export, rtx, t
                   max_prompt=512, max_context=2048)
     data = json.loads((tmp_path / "engines" / "engines.json").read_text())
     assert len(data["engines"]) == 32
-    fp32_layer = smollm2_export.path("layer_00").stat().st_size
-    assert (tmp_path / "engines" / data["engines"]["layer_00"]["file"]).stat().st_size < fp32_layer / 2
+    head = (tmp_path / "engines" / data["engines"]["head"]["file"]).stat().st_size
+    assert head < smollm2_export.path("head").stat().st_size / 3  # int8 weights stay int8 in the engine (32 of 113 MB)
