@@ -232,8 +232,6 @@ def _schema() -> dict:
 
 
 def _schema_check(data, where: str) -> None:
-    import jsonschema
-
     if not isinstance(data, dict):
         raise PlanError(f"{where}: a plan is a JSON object, got {type(data).__name__}")
     version = data.get("version")
@@ -242,6 +240,8 @@ def _schema_check(data, where: str) -> None:
         raise PlanError(f"{where}: plan format {kind} is not supported; this dlexport reads version {VERSION} "
                         f'(write "version": {VERSION}, a number)')
     _size_check(data, where)
+    import jsonschema
+
     errors = sorted(jsonschema.Draft202012Validator(_schema()).iter_errors(data), key=lambda e: list(e.path))
     if errors:
         e = errors[0]
