@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..contract import TensorSpec
-from ..checks import integer
 from ..errors import InputError, MissingFileError, echo
 from ..manifest import MANIFEST, Manifest
 from .base import BackendUnavailableError, Engine
@@ -40,11 +39,9 @@ def open_engines(folder: Path, *, backend: str = "onnxruntime", device: str = "c
     """
     from .onnxruntime import OrtConfig, OrtEngine
 
-    threads = use_threads(threads)
+    threads = use_threads(threads)  # checks the count too
     folder = Path(folder)
     device_index(device)
-    if threads is not None:
-        integer(threads, "threads", 1, 1024)
     if (folder / "engines.json").exists():
         from .folder import open_engine_folder
 

@@ -23,6 +23,7 @@ import threading
 
 from ..errors import InputError
 
+MAX_THREADS = 1024
 _lock = threading.Lock()
 _pool_size: int | None = None  # size of this process's shared ONNX Runtime pool, once created
 
@@ -39,9 +40,9 @@ def resolve_threads(threads: int | None) -> int:
     """The thread count a request means: an explicit count, else the process's shared pool, else the default."""
     if threads is None:
         return _pool_size or default_threads()
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise InputError(f"threads must be a whole number >= 1 (leave it out for the default, {default_threads()} here); "
-                         f"got {threads!r}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+        raise InputError(f"threads must be a whole number >= 1 and <= {MAX_THREADS} (leave it out for the default, "
+                         f"{default_threads()} here); got {threads!r}")
     return threads
 
 

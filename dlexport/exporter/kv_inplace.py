@@ -98,17 +98,15 @@ def rewrite(model: onnx.ModelProto, index: int) -> None:
 
 def _past_shape(node, past: str) -> list:
     """Shape(past)[start:end] with dim 2 replaced by the filled past length."""
-    start, end = _attr(node, "start") or 0, _attr(node, "end")
-    full, out = node.output[0], node.output[0]
+    start, end, out = _attr(node, "start") or 0, _attr(node, "end"), node.output[0]
     pieces = []
     for d in range(start, 4 if end is None else end):
         if d == 2:
             pieces.append("kv.past")
         else:
-            name = f"{out}.dim{d}"
-            pieces.append(name)
-            yield helper.make_node("Shape", [past], [name], start=d, end=d + 1)
-    yield helper.make_node("Concat", pieces, [full], axis=0)
+            pieces.append(f"{out}.dim{d}")
+            yield helper.make_node("Shape", [past], [pieces[-1]], start=d, end=d + 1)
+    yield helper.make_node("Concat", pieces, [out], axis=0)
 
 
 def _attr(node, name: str):

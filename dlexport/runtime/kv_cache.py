@@ -60,8 +60,9 @@ class KVCache:
         """The in-place layers' mask [batch, 1, tokens, length + tokens]: the same rules over the filled slots only."""
         key = (length, tokens, window)
         if key not in self._filled:
-            full = self.mask(length, tokens, window)
-            self._filled[key] = torch.cat([full[..., :length], full[..., self.capacity:]], dim=-1)
+            slots = torch.arange(length + tokens, device=self.device)  # the filled slots, then the new tokens'
+            self._filled[key] = attention_mask(slots, self.valid[:, :length + tokens], slots[length:], window,
+                                               self.dtype)
         return self._filled[key]
 
     def write_index(self, length: int) -> torch.Tensor:

@@ -47,7 +47,8 @@ class _Workers:
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_worker, args=(child, str(folder), n, plans, device), daemon=True)
             proc.start()
-            self.pipes[n], self.procs = parent, self.procs + [proc]
+            self.pipes[n] = parent
+            self.procs.append(proc)
         for n, pipe in self.pipes.items():
             status, info = pipe.recv()
             if status == "error":

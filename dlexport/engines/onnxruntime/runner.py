@@ -33,54 +33,33 @@ class OrtEngine(Engine):
         return st
 
     def run(self, feeds: dict[str, torch.Tensor], out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        if self.on_gpu:
+        if self.on_gpu or out:
             return self._run_bound(feeds, out or {})
-        if out:
-            return self._run_bound_cpu(feeds, out)
         results = self.session.run(self._output_names, {k: v.numpy() for k, v in feeds.items()})
         return {n: torch.from_numpy(r) for n, r in zip(self._output_names, results)}
 
-    def _run_bound_cpu(self, feeds: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Every tensor bound by address: the given outputs (ONNX Runtime writes them in place), the others to reused
-        buffers (views valid until this engine's next call). A binding whose address and shape did not change since
-        the last call (a request's KV buffers) is kept as it is."""
+    def _run_bound(self, feeds: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every tensor bound by address, no host copy and no allocation per call: the given outputs (ONNX Runtime
+        writes them in place), the others to reused buffers (views valid until this thread's next call of this
+        engine). A binding whose address and shape did not change since the last call (a request's KV buffers) is
+        kept as it is.
+
+        On CUDA, ONNX Runtime runs on torch's current stream (``user_compute_stream``), so ordering needs no sync.
+        """
         st = self._state()
         b, bound = st.binding, st.bound
-        feeds = {name: t.contiguous() for name, t in feeds.items()}  # bound by address: held until the run is done
-        for name, t in feeds.items():
-            key = (t.data_ptr(), tuple(t.shape))
-            if bound.get(name) != key:
-                b.bind_input(name, "cpu", 0, _NP[t.dtype], key[1], key[0])
-                bound[name] = key
+        where = ("cuda", self.config.device_id) if self.on_gpu else ("cpu", 0)
+        feeds = {name: t.contiguous() for name, t in feeds.items()}  # copies are held until the run is done
         results = {}
         for spec in self.outputs:
             t = out.get(spec.name)
-            if t is None:
-                t = st.pool.view(spec.name, self.output_shape(spec, feeds), TORCH_DTYPES[spec.dtype])
-            key = (t.data_ptr(), tuple(t.shape))
-            if bound.get(spec.name) != key:
-                b.bind_output(spec.name, "cpu", 0, _NP[t.dtype], key[1], key[0])
-                bound[spec.name] = key
-            results[spec.name] = t
+            results[spec.name] = t if t is not None else st.pool.view(spec.name, self.output_shape(spec, feeds),
+                                                                      TORCH_DTYPES[spec.dtype])
+        for bind, tensors in ((b.bind_input, feeds), (b.bind_output, results)):
+            for name, t in tensors.items():
+                key = (t.data_ptr(), tuple(t.shape))
+                if bound.get(name) != key:
+                    bind(name, *where, _NP[t.dtype], key[1], key[0])
+                    bound[name] = key
         self.session.run_with_iobinding(b)
         return results
-
-    def _run_bound(self, feeds: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Bind inputs and preallocated outputs by device pointer: no host copy, no allocation per call.
-
-        ONNX Runtime runs on torch's current stream (``user_compute_stream``), so ordering needs no extra sync.
-        """
-        st = self._state()
-        b = st.binding
-        feeds = {name: t.contiguous() for name, t in feeds.items()}  # copies are held until the run is done
-        for name, t in feeds.items():
-            b.bind_input(name, "cuda", self.config.device_id, _NP[t.dtype], tuple(t.shape), t.data_ptr())
-        outs = {}
-        for spec in self.outputs:
-            t = out.get(spec.name)
-            if t is None:
-                t = st.pool.view(spec.name, self.output_shape(spec, feeds), TORCH_DTYPES[spec.dtype])
-            b.bind_output(spec.name, "cuda", self.config.device_id, _NP[t.dtype], tuple(t.shape), t.data_ptr())
-            outs[spec.name] = t
-        self.session.run_with_iobinding(b)
-        return outs
