@@ -6,7 +6,6 @@ so an interrupted build resumes and a changed setting rebuilds. The folder layou
 """
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from ..files import (Journal, OwnedFolder, atomic_path, check_apart, is_whole, r
                      write_bytes_atomic, write_json_atomic)
 from ..manifest import Manifest
 from .base import BackendUnavailableError
-from .folder import ENGINES_JSON, FORMAT, FORMAT_VERSION, PLAN_FILE, TIMING_CACHE, TOKENIZER
+from .folder import ENGINES_JSON, FORMAT, FORMAT_VERSION, PLAN_FILE, TIMING_CACHE, TOKENIZER, source_digest
 
 BUILD_BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "onnxruntime")
 JOURNAL = ".build-progress.json"
@@ -46,13 +45,6 @@ def choose_backend(requested: str) -> tuple[str, str]:
         else:
             return flavour, f"{flavour} {found.version} imports and this GPU has compute capability {capability}"
     return "onnxruntime", "; ".join(reasons) + ": using ONNX Runtime"
-
-
-def source_digest(files: list[dict]) -> str:
-    """One hash for a subgraph's files: the .onnx's own sha256, or a hash over it and its external data's."""
-    if len(files) == 1:
-        return files[0]["sha256"]
-    return hashlib.sha256("".join(f["sha256"] for f in files).encode()).hexdigest()
 
 
 def _still_whole(out: Path, entry: dict | None, source: str) -> bool:

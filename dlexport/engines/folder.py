@@ -35,6 +35,7 @@ the engine does not target, and an ONNX Runtime folder optimised for another pro
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from ..errors import CorruptFileError, InputError, MissingFileError, echo
@@ -90,10 +91,15 @@ def load_engine_index(folder: Path) -> dict:
     return data
 
 
+def source_digest(files: list[dict]) -> str:
+    """One hash for a subgraph's files: the .onnx's own sha256, or a hash over it and its external data's."""
+    if len(files) == 1:
+        return files[0]["sha256"]
+    return hashlib.sha256("".join(f["sha256"] for f in files).encode()).hexdigest()
+
+
 def check_engine_files(folder: Path, data: dict, names: list[str]) -> None:
     """Refuse missing or altered engine files and engines built from another graph than the manifest's."""
-    from .build import source_digest
-
     hint = rebuild_hint(folder, data)
     for name in names:
         entry = data["engines"][name]

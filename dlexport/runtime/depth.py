@@ -16,15 +16,13 @@ A batch shares one rung (every row must reach the threshold), since a layer runs
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
 from .. import checks
 from ..errors import InputError
+from .decode import Strategy, run_to_end
 from .plan import Plan, PlanError
-from .runtime import Request
-from .speculative import decode
+from .state import DecodeState
 
 CONTROLLERS = ("fixed", "prompt", "oracle")
 DEFAULT_DROPS = (0.4, 0.25, 0.15, 0.07)
@@ -77,7 +75,7 @@ def _teacher_forced(runtime, layers, ids: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         seg = runtime.embed(ids.to(runtime.device), positions)
         runtime.run_layers(seg, layers, cache)
-        return runtime._call("head", {"hidden_states": seg.hidden})["logits"].argmax(-1)
+        return runtime.logits(seg.hidden).argmax(-1)
 
 
 def ladder_for(plan: Plan) -> tuple[tuple[tuple[int, ...], ...], str]:
@@ -91,79 +89,76 @@ def ladder_for(plan: Plan) -> tuple[tuple[tuple[int, ...], ...], str]:
     return rungs + (tuple(plan.layers),), source
 
 
-def generate_per_sequence(runtime, ids, valid, max_new_tokens: int, plan: Plan, sampling, stops, profile: bool, *,
-                          controller: str = "prompt", rung: int = -1, threshold: float = 0.9):
-    """Runtime.stream's body for strategy="per-sequence"."""
-    if controller not in CONTROLLERS:
-        raise InputError(f"unknown depth controller {controller!r}; choose {', '.join(CONTROLLERS)}")
-    if controller == "oracle" and not sampling.greedy:
-        raise InputError("the oracle controller compares outputs token for token, so it needs greedy decoding "
-                         "(temperature 0)")
-    checks.integer(rung, "rung", None, None)
-    checks.number(threshold, "threshold (prompt agreement a rung needs)")
-    rungs, source = ladder_for(plan)
-    runtime.profile, runtime._timings = profile, {}
-    t0 = time.perf_counter()
-    choose = {"fixed": _fixed, "prompt": _prompt, "oracle": _oracle}[controller]
-    req, first, info = choose(runtime, ids, valid, max_new_tokens, plan, sampling, stops, rungs,
-                              rung=rung, threshold=threshold)
-    prefill_s = time.perf_counter() - t0
-    chosen = info["rung"]
-    info.update(strategy="per-sequence", controller=controller, ladder_source=source,
-                ladder_sizes=[len(r) for r in rungs], rung_layers=len(rungs[chosen]))
-    for event in decode(req, first, None, t0, prefill_s, info):
-        if event.result is not None:
-            event.result.plan = f"rung {chosen} of {len(rungs)} ({len(rungs[chosen])}/{runtime.num_layers} layers)"
-        yield event
+class PerSequence(Strategy):
+    """Choose one rung of the ladder for the whole request during prefill, then decode plainly on it."""
+
+    name = "per-sequence"
+
+    def __init__(self, runtime, plan: Plan, sampling, *, controller: str = "prompt", rung: int = -1,
+                 threshold: float = 0.9):
+        if controller not in CONTROLLERS:
+            raise InputError(f"unknown depth controller {controller!r}; choose {', '.join(CONTROLLERS)}")
+        if controller == "oracle" and not sampling.greedy:
+            raise InputError("the oracle controller compares outputs token for token, so it needs greedy decoding "
+                             "(temperature 0)")
+        checks.integer(rung, "rung", None, None)
+        checks.number(threshold, "threshold (prompt agreement a rung needs)")
+        self.rungs, self.source = ladder_for(plan)
+        if controller == "fixed" and not -len(self.rungs) <= rung < len(self.rungs):
+            raise InputError(f"rung {rung} does not exist: this ladder has rungs 0..{len(self.rungs) - 1}")
+        self.runtime, self.controller, self.rung, self.threshold = runtime, controller, rung, threshold
+        self.info: dict = {}
+
+    def prefill(self, state: DecodeState) -> tuple[DecodeState, torch.Tensor]:
+        choose = {"fixed": self._fixed, "prompt": self._prompt, "oracle": self._oracle}[self.controller]
+        chosen, logits, self.info = choose(state)
+        return chosen, logits
+
+    def stats(self) -> dict:
+        layers = self.rungs[self.info["rung"]]
+        return {**self.info, "strategy": "per-sequence", "controller": self.controller, "ladder_source": self.source,
+                "ladder_sizes": [len(r) for r in self.rungs], "rung_layers": len(layers)}
+
+    def _on_rung(self, state: DecodeState, r: int) -> DecodeState:
+        layers = self.rungs[r]
+        name = f"rung {r} of {len(self.rungs)} ({len(layers)}/{self.runtime.num_layers} layers)"
+        return state.fork(Plan.skip(self.runtime.manifest, layers, name=name))
+
+    def _fixed(self, state):
+        r = self.rung % len(self.rungs)
+        state = self._on_rung(state, r)
+        return state, state.prefill(), {"rung": r}
+
+    def _prompt(self, state):
+        """The first rung whose teacher-forced prompt predictions agree with the full plan's often enough."""
+        full_logits = _prompt_logits(state)
+        reference, mask = full_logits.argmax(-1), state.valid
+        agreement, prefill_layers = [], len(state.plan.layers)
+        for r in range(len(self.rungs) - 1):
+            rung = self._on_rung(state, r)
+            logits = _prompt_logits(rung)
+            prefill_layers += len(self.rungs[r])
+            same = ((logits.argmax(-1) == reference) & mask).sum(1) / mask.sum(1)
+            agreement.append(float(same.min()))
+            if agreement[-1] >= self.threshold:
+                return rung, logits[:, -1], {"rung": r, "prompt_agreement": agreement,
+                                             "prefill_layers": prefill_layers}
+        return state, full_logits[:, -1], {"rung": len(self.rungs) - 1, "prompt_agreement": agreement,
+                                           "prefill_layers": prefill_layers}
+
+    def _oracle(self, state):
+        """The smallest rung whose greedy output equals the full plan's (research: it decodes every rung tried)."""
+        reference = run_to_end(Strategy(), state.fork(state.plan)).tokens
+        top = len(self.rungs) - 1
+        chosen = next((r for r in range(top) if run_to_end(Strategy(), self._on_rung(state, r)).tokens == reference),
+                      top)
+        state = self._on_rung(state, chosen) if chosen < top else state
+        return state, state.prefill(), {"rung": chosen, "tried": chosen + 2 if chosen < top else len(self.rungs)}
 
 
-def _rung_plan(runtime, plan: Plan, layers) -> Plan:
-    return plan if tuple(layers) == tuple(plan.layers) else Plan.skip(runtime.manifest, layers)
-
-
-def _fixed(runtime, ids, valid, n, plan, sampling, stops, rungs, *, rung, threshold):
-    if not -len(rungs) <= rung < len(rungs):
-        raise InputError(f"rung {rung} does not exist: this ladder has rungs 0..{len(rungs) - 1}")
-    rung %= len(rungs)
-    req = Request(runtime, ids, valid, _rung_plan(runtime, plan, rungs[rung]), sampling, stops, n)
-    return req, req.prefill(), {"rung": rung}
-
-
-def _prompt_logits(req: Request) -> torch.Tensor:
-    """Prefill the request's cache and return the logits at every prompt position [B, T, V]."""
-    rt = req.runtime
-    req.cache.new_step()
-    seg = rt.embed(req.ids, req.positions(0, req.ids.shape[1]))
-    rt.run_layers(seg, req.plan.layers, req.cache)
-    return rt._call("head", {"hidden_states": seg.hidden})["logits"]
-
-
-def _prompt(runtime, ids, valid, n, plan, sampling, stops, rungs, *, rung, threshold):
-    full = Request(runtime, ids, valid, plan, sampling, stops, n)
-    full_logits = _prompt_logits(full)
-    reference, mask = full_logits.argmax(-1), full.valid
-    agreement = []
-    for r, layers in enumerate(rungs[:-1]):
-        req = Request(runtime, ids, valid, _rung_plan(runtime, plan, layers), sampling, stops, n)
-        logits = _prompt_logits(req)
-        same = ((logits.argmax(-1) == reference) & mask).sum(1) / mask.sum(1)
-        agreement.append(float(same.min()))
-        if agreement[-1] >= threshold:
-            return req, logits[:, -1], {"rung": r, "prompt_agreement": agreement,
-                                        "prefill_layers": len(plan.layers) + sum(map(len, rungs[:r + 1]))}
-    return full, full_logits[:, -1], {"rung": len(rungs) - 1, "prompt_agreement": agreement,
-                                      "prefill_layers": len(plan.layers) + sum(map(len, rungs[:-1]))}
-
-
-def _oracle(runtime, ids, valid, n, plan, sampling, stops, rungs, *, rung, threshold):
-    def run(layers):
-        req = Request(runtime, ids, valid, _rung_plan(runtime, plan, layers), sampling, stops, n)
-        first = req.prefill()
-        for _ in decode(req, first, None, 0.0, 0.0, {}):
-            pass
-        return req.out[:, :req.n]
-
-    reference = run(rungs[-1])
-    chosen = next((r for r, layers in enumerate(rungs[:-1]) if torch.equal(run(layers), reference)), len(rungs) - 1)
-    req = Request(runtime, ids, valid, _rung_plan(runtime, plan, rungs[chosen]), sampling, stops, n)
-    return req, req.prefill(), {"rung": chosen, "tried": chosen + 2 if chosen < len(rungs) - 1 else len(rungs)}
+def _prompt_logits(state: DecodeState) -> torch.Tensor:
+    """Prefill the state's cache and return the logits at every prompt position [B, T, V]."""
+    state.cache.new_step()
+    seg = state.embed(state.ids, state.positions(0, state.ids.shape[1]))
+    state.run_layers(seg, state.plan.layers)
+    return state.logits(seg.hidden)

@@ -1,93 +1,41 @@
-"""The stitching runtime: embedding, then only the layers a plan or an exit decision asks for, then the exit head.
+"""The stitching runtime: loaded engines, and the calls a strategy makes on a request's cache.
 
-The per-token path is ``_step`` -> ``_run_layers`` -> ``_layer``: a few engine calls on buffers that stay on the
-device. Early exit policy (exact caches): when a token exits after layer e, the deeper layers have no key/value for
-its position yet. Its hidden state is kept as *pending*; the next time a deeper layer runs, it first takes every
-pending position in the same call (they join the current token as extra new tokens). Each deeper layer therefore
-computes exactly the key/values the full plan would have, only later; early exit changes which token is emitted,
-never the cache. With a batch, a token exits only when every row passes the criterion.
+A ``Runtime`` holds only what is loaded (engines, tokenizer, the model's numbers), never a request: each request
+is a ``DecodeState`` (runtime/state.py) driven by a strategy through the one loop in runtime/decode.py, so requests
+may run concurrently on one ``Runtime`` from several threads. The per-token path is ``run_layers`` -> ``layer``: one
+engine call per layer on buffers that stay on the device.
 """
 from __future__ import annotations
 
 import numbers
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .. import checks
+from ..contract import PAST_LENGTH, past_key_name, past_value_name, present_key_name, present_value_name
 from ..engines import open_engines
 from ..engines.base import TORCH_DTYPES, Engine
 from ..engines.threads import resolve_threads
-from ..files import read_json
 from ..errors import InputError, echo
+from ..files import read_json
 from ..manifest import Manifest
-from ..contract import PAST_LENGTH, past_key_name, past_value_name, present_key_name, present_value_name
+from .decode import EarlyExit, Strategy, decode
+from .depth import PerSequence
 from .exits import exit_score
 from .kv_cache import KVCache
 from .plan import Plan, check_adapters, load_plan
-from .sampling import Sampling, pick
+from .sampling import Sampling
+from .speculative import Speculative
+from .state import DecodeState, Generation, Segment, StepStats, StreamEvent
+
+__all__ = ["Generation", "PromptTooLongError", "Runtime", "StepStats", "StreamEvent"]
 
 
 class PromptTooLongError(InputError):
     pass
-
-
-@dataclass
-class StepStats:
-    layers_executed: int  # decoder layers this token ran (pending fills of earlier tokens not counted)
-    exit_layer: int | None  # layer after which the token exited, None when it ran the whole plan
-
-
-@dataclass
-class Generation:
-    prompt_tokens: list[list[int]]
-    tokens: list[list[int]]
-    texts: list[str]
-    steps: list[StepStats]
-    timings_ms: dict[str, float]  # per subgraph, when profiling (synchronised per call)
-    prefill_s: float
-    total_s: float
-    plan: str = ""
-    extra: dict = field(default_factory=dict)  # strategy-specific statistics
-
-    @property
-    def new_tokens(self) -> int:
-        return max((len(t) for t in self.tokens), default=0)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.new_tokens * len(self.tokens) / self.total_s if self.total_s else 0.0
-
-    @property
-    def mean_layers(self) -> float:
-        return sum(s.layers_executed for s in self.steps) / len(self.steps) if self.steps else 0.0
-
-
-@dataclass
-class _Segment:
-    """Hidden states of consecutive new positions (plus the embed's rotary cos/sin by name), at some depth."""
-
-    hidden: torch.Tensor
-    rotary: dict = field(default_factory=dict)
-    frontier: int = -1  # index into the plan's layers of the last layer applied
-
-    def prepend(self, older: "_Segment") -> None:
-        self.hidden = torch.cat([older.hidden, self.hidden], dim=1)
-        self.rotary = {k: torch.cat([older.rotary[k], v], dim=1) for k, v in self.rotary.items()}
-
-    def clone(self, frontier: int | None = None) -> "_Segment":
-        return _Segment(self.hidden.clone(), {k: v.clone() for k, v in self.rotary.items()},
-                        self.frontier if frontier is None else frontier)
-
-    @staticmethod
-    def cat(parts: list["_Segment"]) -> "_Segment":
-        """Consecutive segments as one (oldest first)."""
-        return _Segment(torch.cat([p.hidden for p in parts], dim=1),
-                        {k: torch.cat([p.rotary[k] for p in parts], dim=1) for k in parts[0].rotary})
 
 
 class Runtime:
@@ -110,30 +58,9 @@ class Runtime:
         self.pad_id = special.get("pad_token_id")
         if self.pad_id is None:
             self.pad_id = self.eos[0] if self.eos else 0
-        self._request = threading.local()  # per thread: whether this request times its calls, and the timings
         self.default_plan: Plan | None = None  # an engine folder built for a plan runs that plan by default
         self.threads: int | None = None  # CPU threads the engines were opened with (engines/threads.py)
         self.kv_capacity: int | None = None  # every request's KV buffer size, where the engines fix it (TensorRT)
-
-    # A request runs on one thread, so its profiling switch and timings live in thread-local state: concurrent
-    # requests on one Runtime never see each other's.
-    @property
-    def profile(self) -> bool:
-        return getattr(self._request, "profile", False)
-
-    @profile.setter
-    def profile(self, value: bool) -> None:
-        self._request.profile = value
-
-    @property
-    def _timings(self) -> dict[str, float]:
-        if not hasattr(self._request, "timings"):
-            self._request.timings = {}
-        return self._request.timings
-
-    @_timings.setter
-    def _timings(self, value: dict[str, float]) -> None:
-        self._request.timings = value
 
     @classmethod
     def load(cls, path: Path | str, *, backend: str = "onnxruntime", device: str = "cpu",
@@ -204,14 +131,16 @@ class Runtime:
         vocab = self.manifest.arch["vocab_size"]
         if stop_tokens is not None:
             stop_tokens = _token_ids(stop_tokens, vocab, "stop_tokens")
-        body = _strategy(strategy, options)
+        strategy = _strategy(strategy, self, plan, sampling, options)
         ids, valid = self._encode(prompts)
         stops = set(self.eos if stop_tokens is None else stop_tokens)
-        return self._events(body, ids, valid, max_new_tokens, plan, sampling, stops, profile, options)
+        state = DecodeState(self, ids, valid, plan, sampling, stops, max_new_tokens, {} if profile else None)
+        return self._events(strategy, state)
 
-    def _events(self, body, ids, valid, max_new_tokens, plan, sampling, stops, profile, options):
+    @staticmethod
+    def _events(strategy: Strategy, state: DecodeState) -> Iterator[StreamEvent]:
         with torch.inference_mode():
-            yield from body(self, ids, valid, max_new_tokens, plan, sampling, stops, profile, **options)
+            yield from decode(strategy, state)
 
     # -- preparing a request ------------------------------------------------------------------------------------
     def _encode(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,8 +181,9 @@ class Runtime:
             valid[b, width - len(r):] = True
         return ids, valid
 
-    def _check_length(self, prompt_len: int, max_new_tokens: int, extra: int = 0) -> int:
-        capacity = prompt_len + max_new_tokens + extra
+    def check_length(self, prompt_len: int, max_new_tokens: int) -> int:
+        """The KV slots a request needs, refused with the way out when the model's context is too short."""
+        capacity = prompt_len + max_new_tokens
         if prompt_len > self.max_positions:
             raise PromptTooLongError(
                 f"the prompt has {prompt_len} tokens but the model's context is {self.max_positions}: shorten it")
@@ -274,31 +204,36 @@ class Runtime:
         return KVCache(layers, batch, self.kv_heads, capacity, self.head_dim, self.dtype, self.device)
 
     # -- the hot path ---------------------------------------------------------------------------------------------
-    def _call(self, name: str, feeds: dict, out: dict | None = None) -> dict:
-        if not self.profile:
+    def call(self, name: str, feeds: dict, out: dict | None = None, timings: dict | None = None) -> dict:
+        """One engine call; with ``timings`` (a profiling request's own dict) its synchronised wall time is added."""
+        if timings is None:
             return self.engines[name].run(feeds, out)
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         t0 = time.perf_counter()
-        out = self.engines[name].run(feeds, out)
-        sync()
-        self._timings[name] = self._timings.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
-        return out
+        result = self.engines[name].run(feeds, out)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        timings[name] = timings.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
+        return result
 
-    def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> _Segment:
-        out = self._call("embed", {"input_ids": ids, "position_ids": positions})
-        return _Segment(out["hidden_states"], {k: v for k, v in out.items() if k.startswith("rotary_")})
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor, timings: dict | None = None) -> Segment:
+        out = self.call("embed", {"input_ids": ids, "position_ids": positions}, timings=timings)
+        return Segment(out["hidden_states"], {k: v for k, v in out.items() if k.startswith("rotary_")})
 
-    def head(self, hidden_last: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, timings: dict | None = None) -> torch.Tensor:
+        """[batch, tokens, hidden] -> [batch, tokens, vocab]."""
+        return self.call("head", {"hidden_states": hidden.contiguous()}, timings=timings)["logits"]
+
+    def head(self, hidden_last: torch.Tensor, timings: dict | None = None) -> torch.Tensor:
         """[batch, 1, hidden] -> [batch, vocab] logits."""
-        return self._call("head", {"hidden_states": hidden_last.contiguous()})["logits"][:, -1]
+        return self.logits(hidden_last, timings)[:, -1]
 
-    def exit_head(self, layer: int, hidden_last: torch.Tensor, policy=None) -> torch.Tensor:
+    def exit_head(self, layer: int, hidden_last: torch.Tensor, policy=None, timings: dict | None = None) -> torch.Tensor:
         """The head at an exit after ``layer``: through the policy's calibrated adapter there, when it has one."""
         path = policy.adapter_path(layer) if policy is not None else None
         if path is not None:
             out = self._adapter(path).run({"hidden_states": hidden_last.float().contiguous()})
             hidden_last = out["hidden_states_out"].to(self.dtype)
-        return self.head(hidden_last)
+        return self.head(hidden_last, timings)
 
     def _adapter(self, path: Path) -> Engine:
         """Adapters (fp32 ONNX, hidden -> hidden) open on first use, next to the other engines."""
@@ -314,7 +249,7 @@ class Runtime:
                                           [TensorSpec("hidden_states_out", dims, "float32")], config)
         return self.engines[key]
 
-    def _layer(self, i: int, seg: _Segment, cache: KVCache) -> None:
+    def layer(self, i: int, seg: Segment, cache: KVCache, timings: dict | None = None) -> None:
         """One layer on ``seg``'s new positions; its key/values land in the cache at the layer's length."""
         tokens, length, window = seg.hidden.shape[1], cache.length[i], self.windows[i]
         past_k, past_v, present_k, present_v = self._kv_names[i]
@@ -327,15 +262,16 @@ class Runtime:
                      past_v: value}
         feeds.update((name, seg.rotary[name]) for name in self.layer_rotary[i])
         if self.inplace:
-            out = self._call(self.layer_keys[i], feeds, {present_k: key, present_v: value})
+            out = self.call(self.layer_keys[i], feeds, {present_k: key, present_v: value}, timings)
             cache.length[i] = length + tokens
         else:
-            out = self._call(self.layer_keys[i], feeds)
+            out = self.call(self.layer_keys[i], feeds, timings=timings)
             cache.write(i, out[present_k], out[present_v])
         seg.hidden = out["hidden_states_out"]
 
-    def run_layers(self, seg: _Segment, layers, cache: KVCache, pending: list[_Segment] | None = None,
-                   exit_policy=None, start: int = 0) -> tuple[torch.Tensor | None, int | None, int]:
+    def run_layers(self, seg: Segment, layers, cache: KVCache, *, pending: list[Segment] | None = None,
+                   exit_policy=None, start: int = 0, timings: dict | None = None
+                   ) -> tuple[torch.Tensor | None, int | None, int]:
         """Run ``layers[start:]`` on ``seg``; return (exit logits or None, exit layer, layers run).
 
         Pending segments (earlier tokens that exited) join before the first layer they have not been through.
@@ -345,119 +281,15 @@ class Runtime:
         for k in range(start, len(layers)):
             while pending and pending[-1].frontier < k:
                 seg.prepend(pending.pop())
-            self._layer(layers[k], seg, cache)
+            self.layer(layers[k], seg, cache, timings)
             seg.frontier = k
             if layers[k] in exits and k + 1 >= exit_policy.min_depth and k + 1 < len(layers):
-                logits = self.exit_head(layers[k], seg.hidden[:, -1:], exit_policy)
+                logits = self.exit_head(layers[k], seg.hidden[:, -1:], exit_policy, timings)
                 score = exit_score(logits, exit_policy, (layers[k] + 1) / self.num_layers)
                 if bool((score >= exit_policy.threshold).all()):
                     pending.append(seg.clone(frontier=k))
                     return logits, layers[k], k + 1 - start
         return None, None, len(layers) - start
-
-    def _step(self, ids, positions, layers, cache, pending, exit_policy) -> tuple[torch.Tensor, StepStats]:
-        cache.new_step()
-        seg = self.embed(ids, positions)
-        logits, exit_layer, ran = self.run_layers(seg, layers, cache, pending, exit_policy)
-        if logits is None:
-            logits = self.head(seg.hidden[:, -1:])
-        return logits, StepStats(ran, exit_layer)
-
-    def _generate(self, ids, valid, max_new_tokens, plan, sampling, stops, profile) -> Iterator["StreamEvent"]:
-        self.profile, self._timings = profile, {}
-        req = Request(self, ids, valid, plan, sampling, stops, max_new_tokens)
-        pending: list[_Segment] = []
-        t0 = time.perf_counter()
-        logits, stats = req.prefill(), StepStats(len(plan.layers), None)  # the prompt runs the whole plan
-        prefill_s = time.perf_counter() - t0
-        while True:
-            yield from req.emit(pick(logits, sampling, req.generator)[:, None], stats)
-            if req.finished:
-                break
-            logits, stats = self._step(req.last_tokens(), req.positions(req.slot), plan.layers, req.cache, pending,
-                                       plan.exit)
-            req.slot += 1
-        total_s = time.perf_counter() - t0
-        result = self._result(req.ids, req.valid, req.out[:, :req.n], stops, req.steps, prefill_s, total_s, plan)
-        yield StreamEvent(req.n, [], None, result)
-
-    def _result(self, ids, valid, out_tokens, stops, steps, prefill_s, total_s, plan) -> Generation:
-        prompt_rows = [r[v].tolist() for r, v in zip(ids.cpu(), valid.cpu())]
-        rows = []
-        for r in out_tokens.cpu().tolist():
-            cut = next((j + 1 for j, t in enumerate(r) if t in stops), len(r))
-            rows.append(r[:cut])
-        texts = [self.tokenizer.decode(r, skip_special_tokens=True) if self.tokenizer else "" for r in rows]
-        return Generation(prompt_rows, rows, texts, steps, dict(self._timings), prefill_s, total_s,
-                          plan.name or f"{len(plan.layers)}/{self.num_layers} layers")
-
-
-@dataclass
-class StreamEvent:
-    index: int  # 1-based token index; the final event repeats the last index and carries ``result``
-    tokens: list[int]  # the new token of each row
-    stats: StepStats | None
-    result: Generation | None
-
-
-@dataclass
-class Request:
-    """The state of one generation request: cache, emitted tokens, stop bookkeeping (every strategy shares it)."""
-
-    runtime: object
-    ids: torch.Tensor
-    valid: torch.Tensor
-    plan: Plan
-    sampling: Sampling
-    stops: set
-    max_new_tokens: int
-    steps: list = field(default_factory=list)
-    n: int = 0  # tokens emitted
-
-    def __post_init__(self):
-        rt, dev = self.runtime, self.runtime.device
-        self.ids, self.valid = self.ids.to(dev), self.valid.to(dev)
-        self.batch, prompt_len = self.ids.shape
-        capacity = rt._check_length(prompt_len, self.max_new_tokens)
-        self.cache = rt.new_cache(self.plan.layers, self.batch, capacity)
-        self.cache.valid[:, :prompt_len] = self.valid
-        self.cache.valid[:, prompt_len:] = True
-        self.pad = (~self.valid).sum(1, keepdim=True)
-        self.slot = prompt_len  # slot of the last emitted token, which no layer has run yet
-        self.generator = self.sampling.generator(dev)
-        self.out = torch.zeros(self.batch, self.max_new_tokens, dtype=torch.int64, device=dev)
-        self.done = torch.zeros(self.batch, dtype=torch.bool, device=dev)
-        self.stop_ids = torch.tensor(sorted(self.stops), dtype=torch.int64, device=dev) if self.stops else None
-
-    def positions(self, slot: int, tokens: int = 1) -> torch.Tensor:
-        return (torch.arange(slot, slot + tokens, device=self.runtime.device)[None] - self.pad).clamp_(min=0)
-
-    def prefill(self) -> torch.Tensor:
-        """Run the prompt through the plan; return the last position's logits."""
-        logits, _ = self.runtime._step(self.ids, self.positions(0, self.ids.shape[1]), self.plan.layers, self.cache,
-                                       None, None)
-        return logits
-
-    def emit(self, tokens: torch.Tensor, stats: StepStats):
-        """Record emitted tokens [B, n] in order; yield one event each; stop at the budget or when every row stopped."""
-        for i in range(tokens.shape[1]):
-            token = torch.where(self.done, torch.full_like(tokens[:, i], self.runtime.pad_id), tokens[:, i])
-            self.out[:, self.n] = token
-            self.n += 1
-            self.steps.append(stats)
-            if self.stop_ids is not None:
-                self.done |= torch.isin(token, self.stop_ids)
-            yield StreamEvent(self.n, token.tolist(), stats, None)
-            if self.finished:
-                return
-
-    @property
-    def finished(self) -> bool:
-        return self.n >= self.max_new_tokens or bool(self.done.all())
-
-    def last_tokens(self) -> torch.Tensor:
-        return self.out[:, self.n - 1:self.n]
-
 
 
 def _token_ids(row, vocab: int, what: str) -> list[int]:
@@ -474,18 +306,23 @@ def _token_ids(row, vocab: int, what: str) -> list[int]:
     return out
 
 
-def _strategy(name: str, options: dict):
+def _strategy(name: str, runtime: Runtime, plan: Plan, sampling: Sampling, options: dict) -> Strategy:
+    """A fresh strategy object for one request (it keeps that request's strategy statistics)."""
     if not isinstance(name, str):
         raise InputError(f"strategy must be a string, got {echo(name)}")
     if name == "plain":
         if options:
             raise InputError(f"strategy 'plain' takes no options, got {', '.join(options)}")
-        return Runtime._generate
+        return EarlyExit() if plan.exit else Strategy()
+    if name not in _OPTIONS:
+        raise InputError(f"unknown strategy {echo(name)}; choose plain, speculative or per-sequence")
+    unknown = sorted(set(options) - _OPTIONS[name])
+    if unknown:
+        raise InputError(f"strategy {name!r} takes the options {', '.join(sorted(_OPTIONS[name]))}; got "
+                         f"{', '.join(unknown)}")
     if name == "speculative":
-        from .speculative import generate_speculative
-        return generate_speculative
-    if name == "per-sequence":
-        from .depth import generate_per_sequence
-        return generate_per_sequence
-    raise InputError(f"unknown strategy {echo(name)}; choose plain, speculative or per-sequence")
+        return Speculative(runtime, plan, **options)
+    return PerSequence(runtime, plan, sampling, **options)
 
+
+_OPTIONS = {"speculative": {"draft"}, "per-sequence": {"controller", "rung", "threshold"}}

@@ -23,15 +23,15 @@ Early exit is not combined with speculation: the plan's exit policy only lends i
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
 from .. import checks
+from .decode import Strategy
 from .plan import Draft, Plan, PlanError
-from .runtime import Request, StepStats, StreamEvent, _Segment
-from .sampling import Sampling, pick, probabilities
+from .sampling import Sampling, probabilities
+from .state import DecodeState, Segment, StepStats
 
 
 # -- the acceptance step (pure, tested on fixed distributions) -----------------------------------------------------
@@ -171,85 +171,67 @@ class Speculator:
                 "switched_off": self.off_message}
 
 
-# -- decoding ---------------------------------------------------------------------------------------------------
-def decode(req: Request, first_logits: torch.Tensor, spec: Speculator | None, t0: float, prefill_s: float, extra):
-    """Emit tokens until done: speculative rounds, or plain steps when ``spec`` is None or switched off."""
-    rt = req.runtime
-    yield from req.emit(pick(first_logits, req.sampling, req.generator)[:, None],
-                        StepStats(len(req.plan.layers), None))
-    while not req.finished:
-        k = spec.next_k(req.max_new_tokens - req.n) if spec else 0
-        tokens, layers = _round(req, spec, k)
-        yield from req.emit(tokens, StepStats(layers / tokens.shape[1], None))
-    total_s = time.perf_counter() - t0
-    result = rt._result(req.ids, req.valid, req.out[:, :req.n], req.stops, req.steps, prefill_s, total_s, req.plan)
-    result.extra.update(extra() if callable(extra) else extra)
-    yield StreamEvent(req.n, [], None, result)
+# -- the strategy -------------------------------------------------------------------------------------------------
+class Speculative(Strategy):
+    """Draft-and-verify rounds (module docstring); plain steps once the adaptive policy has switched the draft off."""
 
+    name = "speculative"
 
-def _round(req: Request, spec: Speculator | None, k: int) -> tuple[torch.Tensor, int]:
-    """One round; returns (tokens to emit [B, j+1], decoder layers run)."""
-    rt, cache, plan, t = req.runtime, req.cache, req.plan, req.slot
-    cache.new_step()
-    shared = spec.shared if spec else 0
-    kept, draft, q = _draft(req, spec, k) if k else ([], req.last_tokens(), None)
-    seg = rt.embed(draft[:, -1:], req.positions(t + k))
-    rt.run_layers(seg, plan.layers[:shared], cache)
-    if k:
-        for i in spec.layers[shared:]:
-            cache.rollback(i, t)
-        seg = _Segment.cat(kept + [seg])
-    rt.run_layers(seg, plan.layers, cache, start=shared)
-    logits = rt._call("head", {"hidden_states": seg.hidden})["logits"]
-    if not k:
-        outcome, j = pick(logits[:, -1], req.sampling, req.generator)[:, None], 0
-    else:
-        outcome, accepted = accept(draft[:, 1:], logits, q, req.sampling, req.generator)
-        j = int((accepted | req.done[:, None]).long().cumprod(1).sum(1).min())  # stopped rows never hold back
-    for i in plan.layers:
-        cache.rollback(i, t + j + 1)
-    req.slot = t + j + 1
-    if spec:
-        spec.update(k, j)
-    return outcome[:, :j + 1], k * len(spec.layers if spec else ()) + len(plan.layers)
+    def __init__(self, runtime, plan: Plan, draft: Draft | None = None):
+        draft = draft or plan.draft
+        if draft is None:
+            raise PlanError("strategy 'speculative' needs draft layers: give the plan a 'draft' entry or pass "
+                            "draft=Draft(layers=...) (CLI: --draft-layers)")
+        if not isinstance(draft, Draft):
+            raise PlanError(f"draft must be a Draft(layers, k, adaptive), got {type(draft).__name__}")
+        checks.layer_list(draft.layers, runtime.num_layers, "draft layers")
+        self.spec = Speculator.for_plan(runtime, plan, draft)
 
+    def stats(self) -> dict:
+        return self.spec.stats()
 
-def _draft(req: Request, spec: Speculator, k: int):
-    """k one-token draft steps from the last emitted token.
-
-    Returns (kept: per step the segment after the shared prefix, tokens [B, k+1] = last emitted then d_1..d_k,
-    q: draft probabilities [B, k, V] when sampling, else None).
-    """
-    rt, cache, t = req.runtime, req.cache, req.slot
-    tokens, kept, qs = [req.last_tokens()], [], []
-    for i in range(k):
-        seg = rt.embed(tokens[-1], req.positions(t + i))
-        rt.run_layers(seg, spec.layers[:spec.shared], cache)
-        kept.append(seg.clone())
-        rt.run_layers(seg, spec.layers, cache, start=spec.shared)
-        logits = rt.exit_head(spec.layers[-1], seg.hidden[:, -1:], req.plan.exit)  # calibrated adapter if any
-        if req.sampling.greedy:
-            tokens.append(logits.argmax(-1, keepdim=True))
+    def step(self, state: DecodeState) -> tuple[torch.Tensor, StepStats]:
+        """One round: the tokens to emit [B, j+1] and the decoder layers run per emitted token."""
+        spec, cache, plan, t = self.spec, state.cache, state.plan, state.slot
+        k = spec.next_k(state.max_new_tokens - state.n)
+        cache.new_step()
+        kept, draft, q = self._draft(state, k) if k else ([], state.last_tokens(), None)
+        seg = state.embed(draft[:, -1:], state.positions(t + k))
+        state.run_layers(seg, plan.layers[:spec.shared])
+        if k:
+            for i in spec.layers[spec.shared:]:
+                cache.rollback(i, t)
+            seg = Segment.cat(kept + [seg])
+        state.run_layers(seg, plan.layers, start=spec.shared)
+        logits = state.logits(seg.hidden)
+        if not k:
+            outcome, j = self.pick(state, logits[:, -1]), 0
         else:
-            qs.append(probabilities(logits, req.sampling))
-            tokens.append(torch.multinomial(qs[-1], 1, generator=req.generator))
-    return kept, torch.cat(tokens, dim=1), torch.stack(qs, dim=1) if qs else None
+            outcome, accepted = accept(draft[:, 1:], logits, q, state.sampling, state.generator)
+            j = int((accepted | state.done[:, None]).long().cumprod(1).sum(1).min())  # stopped rows never hold back
+        for i in plan.layers:
+            cache.rollback(i, t + j + 1)
+        state.slot = t + j + 1
+        spec.update(k, j)
+        return outcome[:, :j + 1], StepStats((k * len(spec.layers) + len(plan.layers)) / (j + 1), None)
 
+    def _draft(self, state: DecodeState, k: int):
+        """k one-token draft steps from the last emitted token.
 
-def generate_speculative(runtime, ids, valid, max_new_tokens: int, plan: Plan, sampling: Sampling, stops,
-                         profile: bool, *, draft: Draft | None = None):
-    """Runtime.stream's body for strategy="speculative": the plan's own ``draft`` unless one is given."""
-    draft = draft or plan.draft
-    if draft is None:
-        raise PlanError("strategy 'speculative' needs draft layers: give the plan a 'draft' entry or pass "
-                        "draft=Draft(layers=...) (CLI: --draft-layers)")
-    if not isinstance(draft, Draft):
-        raise PlanError(f"draft must be a Draft(layers, k, adaptive), got {type(draft).__name__}")
-    checks.layer_list(draft.layers, runtime.num_layers, "draft layers")
-    spec = Speculator.for_plan(runtime, plan, draft)
-    runtime.profile, runtime._timings = profile, {}
-    req = Request(runtime, ids, valid, plan, sampling, stops, max_new_tokens)
-    t0 = time.perf_counter()
-    first = req.prefill()
-    prefill_s = time.perf_counter() - t0
-    yield from decode(req, first, spec, t0, prefill_s, spec.stats)
+        Returns (kept: per step the segment after the shared prefix, tokens [B, k+1] = last emitted then d_1..d_k,
+        q: draft probabilities [B, k, V] when sampling, else None).
+        """
+        spec, t = self.spec, state.slot
+        tokens, kept, qs = [state.last_tokens()], [], []
+        for i in range(k):
+            seg = state.embed(tokens[-1], state.positions(t + i))
+            state.run_layers(seg, spec.layers[:spec.shared])
+            kept.append(seg.clone())
+            state.run_layers(seg, spec.layers, start=spec.shared)
+            logits = state.exit_logits(spec.layers[-1], seg.hidden[:, -1:])  # calibrated adapter if any
+            if state.sampling.greedy:
+                tokens.append(logits.argmax(-1, keepdim=True))
+            else:
+                qs.append(probabilities(logits, state.sampling))
+                tokens.append(torch.multinomial(qs[-1], 1, generator=state.generator))
+        return kept, torch.cat(tokens, dim=1), torch.stack(qs, dim=1) if qs else None
