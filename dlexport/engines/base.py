@@ -43,17 +43,25 @@ class Engine(ABC):
 class OutputPool:
     """Reused output buffers: one flat allocation per output, grown only when a larger shape first appears.
 
-    A prefix of a flat buffer is contiguous for any shape, so every call gets a view with no allocation.
+    A prefix of a flat buffer is contiguous for any shape, so every call gets a view with no allocation; the view of
+    each shape is made once (a decode step asks for the same shapes every time).
     """
 
     def __init__(self, device: torch.device):
-        self.device, self.flat = device, {}
+        self.device, self.flat, self.views = device, {}, {}
 
     def view(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        t = self.views.get((name, shape))
+        if t is not None and t.dtype == dtype:
+            return t
         numel = 1
         for s in shape:
             numel *= s
         buf = self.flat.get(name)
         if buf is None or buf.numel() < numel or buf.dtype != dtype:
             buf = self.flat[name] = torch.empty(max(numel, 1), dtype=dtype, device=self.device)
-        return buf[:numel].view(shape)
+            self.views = {k: v for k, v in self.views.items() if k[0] != name}  # views of the old buffer go
+        if len(self.views) >= 256:  # many prompt lengths: a bounded memo, not a leak
+            self.views.clear()
+        t = self.views[(name, shape)] = buf[:numel].view(shape)
+        return t

@@ -21,7 +21,7 @@ class KVCache:
         self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)  # False for left padding
         self._masks: dict[tuple, torch.Tensor] = {}
         self._filled: dict[tuple, torch.Tensor] = {}
-        self._lengths: dict[int, torch.Tensor] = {}
+        self._lengths: dict[int, tuple[torch.Tensor, int]] = {}
         self._batch = batch
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -65,9 +65,13 @@ class KVCache:
                                                self.dtype)
         return self._filled[key]
 
-    def write_index(self, length: int) -> torch.Tensor:
-        """``past_length`` for an in-place layer: [batch] int64, made once per length and request."""
-        t = self._lengths.get(length)
+    def write_index(self, layer: int) -> torch.Tensor:
+        """``past_length`` for an in-place layer: [batch] int64, one tensor per layer for the whole request, set to
+        the layer's length in place (the engine keeps it bound at the same address, so nothing is rebound)."""
+        t, value = self._lengths.get(layer, (None, None))
         if t is None:
-            t = self._lengths[length] = torch.full((self._batch,), length, dtype=torch.int64, device=self.device)
+            t = torch.empty((self._batch,), dtype=torch.int64, device=self.device)
+        if value != self.length[layer]:
+            t.fill_(self.length[layer])
+        self._lengths[layer] = (t, self.length[layer])
         return t

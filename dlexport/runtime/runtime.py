@@ -256,7 +256,7 @@ class Runtime:
         key, value = cache.key[i], cache.value[i]
         if self.inplace:  # the buffer is past and present: the layer writes it and attends over the filled part
             feeds = {"hidden_states": seg.hidden, "attention_mask": cache.filled_mask(length, tokens, window),
-                     past_k: key, past_v: value, PAST_LENGTH: cache.write_index(length)}
+                     past_k: key, past_v: value, PAST_LENGTH: cache.write_index(i)}
         else:  # the whole buffer as past (unwritten slots masked); the new key/values come back to be copied in
             feeds = {"hidden_states": seg.hidden, "attention_mask": cache.mask(length, tokens, window), past_k: key,
                      past_v: value}

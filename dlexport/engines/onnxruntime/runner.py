@@ -23,6 +23,11 @@ class OrtEngine(Engine):
         self.on_gpu = config.provider in ("cuda", "tensorrt")
         self.device = torch.device("cuda", config.device_id) if self.on_gpu else torch.device("cpu")
         self._output_names = [o.name for o in outputs]
+        self._where = ("cuda", config.device_id) if self.on_gpu else ("cpu", 0)
+        # each output's dims: a number, or (input, axis) that carries the same symbolic dim (resolved per call)
+        source = {d: (s.name, a) for s in inputs for a, d in enumerate(s.shape) if isinstance(d, str)}
+        self._free_outputs = [(o.name, [source[d] if isinstance(d, str) else d for d in o.shape], TORCH_DTYPES[o.dtype])
+                              for o in outputs]
         self._local = threading.local()  # bindings and output buffers per thread: requests may run concurrently
 
     def _state(self):
@@ -41,25 +46,31 @@ class OrtEngine(Engine):
     def _run_bound(self, feeds: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Every tensor bound by address, no host copy and no allocation per call: the given outputs (ONNX Runtime
         writes them in place), the others to reused buffers (views valid until this thread's next call of this
-        engine). A binding whose address and shape did not change since the last call (a request's KV buffers) is
-        kept as it is.
+        engine). A binding whose address and shape did not change since the last call (a request's KV buffers, the
+        previous layer's output buffer) is kept as it is, so a decode step rebinds only what moved.
 
         On CUDA, ONNX Runtime runs on torch's current stream (``user_compute_stream``), so ordering needs no sync.
         """
         st = self._state()
         b, bound = st.binding, st.bound
-        where = ("cuda", self.config.device_id) if self.on_gpu else ("cpu", 0)
-        feeds = {name: t.contiguous() for name, t in feeds.items()}  # copies are held until the run is done
-        results = {}
-        for spec in self.outputs:
-            t = out.get(spec.name)
-            results[spec.name] = t if t is not None else st.pool.view(spec.name, self.output_shape(spec, feeds),
-                                                                      TORCH_DTYPES[spec.dtype])
-        for bind, tensors in ((b.bind_input, feeds), (b.bind_output, results)):
-            for name, t in tensors.items():
-                key = (t.data_ptr(), tuple(t.shape))
-                if bound.get(name) != key:
-                    bind(name, *where, _NP[t.dtype], key[1], key[0])
-                    bound[name] = key
+        held = []  # contiguous copies live until the run is done
+        for name, t in feeds.items():
+            if not t.is_contiguous():
+                t = t.contiguous()
+                held.append(t)
+            key = (t.data_ptr(), t.shape)
+            if bound.get(name) != key:
+                b.bind_input(name, *self._where, _NP[t.dtype], key[1], key[0])
+                bound[name] = key
+        results = dict(out)
+        for name, dims, dtype in self._free_outputs:
+            if name not in results:
+                shape = tuple(feeds[d[0]].shape[d[1]] if isinstance(d, tuple) else d for d in dims)
+                results[name] = st.pool.view(name, shape, dtype)
+        for name, t in results.items():
+            key = (t.data_ptr(), t.shape)
+            if bound.get(name) != key:
+                b.bind_output(name, *self._where, _NP[t.dtype], key[1], key[0])
+                bound[name] = key
         self.session.run_with_iobinding(b)
         return results
