@@ -49,6 +49,14 @@ def present_value_name(i: int) -> str:
     return f"present.{i}.value"
 
 
+def past_for_present(name: str) -> str:
+    """The past input an in-place layer's present output is bound to: ``present.N.key`` -> ``past_key_values.N.key``."""
+    prefix, index, kind = name.split(".")
+    if prefix != "present" or kind not in ("key", "value"):
+        raise ValueError(f"{name!r} is not a present.N.key/value output")
+    return past_key_name(int(index)) if kind == "key" else past_value_name(int(index))
+
+
 def is_inplace(inputs) -> bool:
     """Whether a layer with these input specs is an in-place KV layer."""
     return any(s.name == PAST_LENGTH for s in inputs)

@@ -254,17 +254,15 @@ class Runtime:
         tokens, length, window = seg.hidden.shape[1], cache.length[i], self.windows[i]
         past_k, past_v, present_k, present_v = self._kv_names[i]
         key, value = cache.key[i], cache.value[i]
-        if self.inplace:  # the buffer is past and present: the layer writes it and attends over the filled part
-            feeds = {"hidden_states": seg.hidden, "attention_mask": cache.filled_mask(length, tokens, window),
-                     past_k: key, past_v: value, PAST_LENGTH: cache.write_index(i)}
-        else:  # the whole buffer as past (unwritten slots masked); the new key/values come back to be copied in
-            feeds = {"hidden_states": seg.hidden, "attention_mask": cache.mask(length, tokens, window), past_k: key,
-                     past_v: value}
+        feeds = {"hidden_states": seg.hidden, past_k: key, past_v: value}
         feeds.update((name, seg.rotary[name]) for name in self.layer_rotary[i])
-        if self.inplace:
+        if self.inplace:  # the buffer is past and present: the layer writes it and attends over the filled part
+            feeds["attention_mask"] = cache.filled_mask(length, tokens, window)
+            feeds[PAST_LENGTH] = cache.write_index(i)
             out = self.call(self.layer_keys[i], feeds, {present_k: key, present_v: value}, timings)
             cache.length[i] = length + tokens
-        else:
+        else:  # the whole buffer as past (unwritten slots masked); the new key/values come back to be copied in
+            feeds["attention_mask"] = cache.mask(length, tokens, window)
             out = self.call(self.layer_keys[i], feeds, timings=timings)
             cache.write(i, out[present_k], out[present_v])
         seg.hidden = out["hidden_states_out"]

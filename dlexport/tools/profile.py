@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..contract import PAST_LENGTH, is_inplace
+from ..contract import PAST_LENGTH, is_inplace, past_for_present
 from ..engines import open_engines
 from ..engines.base import TORCH_DTYPES, Engine
 from ..engines.threads import use_threads
@@ -28,8 +28,7 @@ def bound_outputs(engine: Engine, feeds: dict) -> dict | None:
     """An in-place layer's present outputs bound to its past buffers, as the runtime binds them."""
     if not is_inplace(engine.inputs):
         return None
-    return {o.name: feeds[o.name.replace("present.", "past_key_values.")] for o in engine.outputs
-            if o.name.startswith("present.")}
+    return {o.name: feeds[past_for_present(o.name)] for o in engine.outputs if o.name.startswith("present.")}
 
 
 def feeds_for(engine: Engine, phase: str, context: int, vocab_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
