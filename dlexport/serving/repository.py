@@ -76,9 +76,10 @@ class RepoSettings:
         if self.threads is not None:
             checks.integer(self.threads, "threads", 1, 4096)
         for plan in self.plans:
-            if not NAME.match(plan) or plan in RESERVED_PLANS:
-                raise InputError(f"plan name {plan!r}: use letters, digits, '_', '-', '.' and not "
-                                 f"{', '.join(RESERVED_PLANS)} (served anyway: every layer)")
+            if plan in RESERVED_PLANS:
+                raise InputError(f"plan name {plan!r} is taken: 'full' always serves every layer; choose another name")
+            if not NAME.match(plan):
+                raise InputError(f"plan name {plan!r}: use letters, digits, '_', '-', '.' (at most 64)")
 
 
 def folder_manifest(folder: Path) -> Manifest:
