@@ -34,6 +34,18 @@ def register(sub) -> None:
     _repo_options(p)
     p.set_defaults(func=_serve)
 
+    p = sub.add_parser("serve-bench", help="throughput and p50/p99 latency through tritonserver at 1/4/16 clients, "
+                                           "for full depth and plans, dynamic batching on vs off")
+    p.add_argument("dir", type=Path, help="export folder or engine folder")
+    p.add_argument("--out", type=Path, required=True, help="results folder (serve.json, serve.md, serve.png)")
+    p.add_argument("--plan", action="append", default=[], metavar="NAME=FILE", type=_named_plan)
+    p.add_argument("--clients", default="1,4,16", help="concurrent client counts")
+    p.add_argument("--requests", type=int, help="requests per client (default: 4 at 1 client, else 2)")
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, help="CPU threads per instance (default: every core)")
+    p.set_defaults(func=_serve_bench)
+
 
 def _repo_options(p) -> None:
     p.add_argument("--name", default="dlexport", help="the model's name on the server")
@@ -117,6 +129,17 @@ def _serve(args) -> int:
         server.stop()
         if temporary is not None:
             temporary.cleanup()
+
+
+def _serve_bench(args) -> int:
+    from ..serving.bench import bench
+
+    clients = tuple(int(c) for c in args.clients.split(","))
+    requests = {c: args.requests or (4 if c == 1 else 2) for c in clients}
+    bench(args.dir, args.out, dict(args.plan), clients=clients, requests=requests, new_tokens=args.new_tokens,
+          prompt_tokens=args.prompt_tokens, threads=args.threads, log=lambda m: print(m, file=sys.stderr))
+    print(f"wrote {args.out}/serve.md, serve.json, serve.png")
+    return 0
 
 
 def _interrupt(signum, frame):
