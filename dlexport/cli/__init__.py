@@ -7,9 +7,9 @@ import re
 import sys
 
 from ..errors import DlexportError
-from . import building, exporting, planning, profiling, quantizing, running
+from . import building, exporting, planning, profiling, quantizing, running, serving
 
-COMMAND_MODULES = [exporting, quantizing, running, planning, building, profiling]
+COMMAND_MODULES = [exporting, quantizing, running, planning, building, profiling, serving]
 
 
 def build_parser() -> argparse.ArgumentParser:
