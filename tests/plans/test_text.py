@@ -1,4 +1,5 @@
 import gzip
+import random
 
 import pytest
 import torch
@@ -37,3 +38,29 @@ def test_no_command_fits_on_text_another_evaluates_on():
     held = {tuple(r) for s in (small, large) for r in s["evaluation"].tolist()}
     assert not fitted & held
     assert torch.equal(small["evaluation"], large["evaluation"])
+
+
+WORDS = [f"w{a}{b}" for a in "abcdefg" for b in "aeiou"]
+
+
+def _word_tokenizer(bos: bool):
+    """A word-level Hugging Face tokenizer that, like Gemma's, puts <bos> before every text (or, like SmolLM2's, not)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<bos>", "<unk>"] + WORDS
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("bos", [True, False])
+def test_every_sequence_starts_as_the_tokenizer_starts_a_text(bos, tmp_path):
+    rng = random.Random(0)
+    (tmp_path / "words.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(3000)))
+    s = load_splits(_word_tokenizer(bos), {"calibration": 4, "evaluation": 4}, 32, [tmp_path])
+    for split in ("calibration", "evaluation"):
+        assert s[split].shape == (4, 32)
+        assert (s[split][:, 0] == 0).all() == bos and (s[split][:, 1:] != 0).all()

@@ -80,3 +80,43 @@ def test_speculative_greedy_equals_plain_greedy(setup, shape, draft):
         spec = _greedy(rt, PROMPTS, Plan.full(manifest), strategy="speculative", draft=Draft(draft, k, False))
         assert spec.tokens == plain.tokens, (draft, k)
         assert spec.extra["drafted"] > 0
+
+
+# -- the real Gemma 3 270M (its first 6 layers: 5 local with a window of 512, then a global one) -------------------
+LONG_TEXT = " ".join(f"{i} times {i} is {i * i}." for i in range(1, 120))  # ~1000 tokens, past the window
+
+
+@pytest.fixture(scope="module")
+def gemma3(gemma3_270m_export, gemma3_270m_model):
+    rt = Runtime.load(gemma3_270m_export.folder)
+    return gemma3_270m_export, rt, gemma3_270m_model
+
+
+@pytest.mark.slow
+def test_gemma3_270m_prompt_past_the_window_equals_hf_generate(gemma3):
+    from dlexport.exporter.validate import hf_greedy
+
+    manifest, rt, loaded = gemma3
+    prompt = loaded.tokenizer(LONG_TEXT)["input_ids"]
+    assert len(prompt) > 2 * manifest.arch["layer_windows"][0]
+    expected = hf_greedy(loaded.model, prompt, 6)
+    assert _greedy_n(rt, prompt, 6) == expected
+    rt.windows = [None] * manifest.num_layers  # the windows bite: global masks everywhere give other tokens
+    try:
+        assert _greedy_n(rt, prompt, 6) != expected
+    finally:
+        rt.windows = manifest.arch["layer_windows"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("skip", [5, 2], ids=["global", "local"])
+def test_gemma3_270m_skip_plan_equals_the_reference(gemma3, skip):
+    manifest, rt, loaded = gemma3
+    prompt = loaded.tokenizer("The GNU General Public License is a free, copyleft license for")["input_ids"]
+    plan = Plan.skip(manifest, [i for i in range(manifest.num_layers) if i != skip])
+    out = rt.generate([prompt], 8, plan, stop_tokens=[])
+    assert out.tokens == reference_generate(loaded.model, [prompt], 8, plan)[0]
+
+
+def _greedy_n(rt, prompt, n):
+    return rt.generate([prompt], n, stop_tokens=[]).tokens[0]

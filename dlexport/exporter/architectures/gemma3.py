@@ -20,6 +20,10 @@ class Gemma3Architecture(Architecture):
         if self.config.use_bidirectional_attention:
             raise UnsupportedModelError("this Gemma 3 config uses bidirectional attention (an encoder, e.g. "
                                         "EmbeddingGemma); dlexport exports causal decoders")
+        if self.float_dtype() == "float16":  # measured: Hugging Face's own fp16 forward gives NaN logits
+            raise UnsupportedModelError("Gemma 3's residual stream outgrows float16 (Gemma 3 270M reaches inf at "
+                                        "layer 8 on plain prose, and every token after it is NaN): export it in bf16 "
+                                        "or fp32 (--dtype; --precision with `dlexport build --model`)")
 
     def rotary_kinds(self) -> list[str | None]:
         return sorted({_KIND[t] for t in self.config.layer_types}, key=lambda k: k or "")

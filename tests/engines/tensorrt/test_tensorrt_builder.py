@@ -1,5 +1,5 @@
-"""Every subgraph of tiny OPT, Llama, Gemma 3, Phi-3 and SmolLM2-135M parsed and built into a real engine by TensorRT
-for RTX."""
+"""Every subgraph of tiny OPT, Llama, Gemma 3, Phi-3, SmolLM2-135M and every distinct one of Gemma 3 270M parsed and
+built into a real engine by TensorRT for RTX."""
 import json
 
 import pytest
@@ -16,9 +16,10 @@ def quiet(*args):
     pass
 
 
-def _check_folder(out, manifest, rtx, precision="float32"):
+def _check_folder(out, manifest, rtx, precision="float32", layers=None):
     data = json.loads((out / "engines.json").read_text())
-    names = ["embed"] + [manifest.layer_key(i) for i in range(manifest.num_layers)] + ["head"]
+    layers = range(manifest.num_layers) if layers is None else layers
+    names = ["embed"] + [manifest.layer_key(i) for i in layers] + ["head"]
     assert list(data["engines"]) == names
     assert (data["format"], data["backend"], data["precision"]) == ("dlexport-engines", "tensorrt-rtx", precision)
     assert data["manifest"]["fingerprint"] == manifest.fingerprint
@@ -60,6 +61,16 @@ def test_every_smollm2_subgraph_builds_with_both_profiles(smollm2_export, rtx, t
     build_engines(smollm2_export.folder, tmp_path / "engines", backend="tensorrt-rtx", progress=False, log=quiet,
                   max_batch=1, max_prompt=512, max_context=2048)
     _check_folder(tmp_path / "engines", smollm2_export, rtx)
+
+
+@pytest.mark.slow
+def test_every_distinct_gemma3_270m_subgraph_builds(gemma3_270m_export, rtx, tmp_path):
+    """The real Gemma 3 270M's embedding, a local layer, the global layer and the 262144 x 640 head."""
+    plan = Plan.skip(gemma3_270m_export, [0, 5])
+    build_engines(gemma3_270m_export.folder, tmp_path / "engines", plan=plan, backend="tensorrt-rtx", progress=False,
+                  log=quiet, max_batch=1, max_prompt=512, max_context=2048)
+    data = _check_folder(tmp_path / "engines", gemma3_270m_export, rtx, layers=[0, 5])
+    assert data["engines"]["head"]["size"] > 262144 * 640 * 4  # the fp32 head is in the engine whole
 
 
 def test_fp16_export_builds_fp16_engines(rtx, tmp_path):

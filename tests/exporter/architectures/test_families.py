@@ -116,3 +116,11 @@ def test_loads_from_a_local_hugging_face_folder(shape, tmp_path):
     theirs = loaded.model.state_dict()
     assert all(torch.equal(t, theirs[k]) for k, t in made.state_dict().items())
     assert architecture_for(loaded.model).numbers == architecture_for(made).numbers
+
+
+def test_gemma3_in_float16_is_refused_with_the_dtypes_that_work():
+    from dlexport.exporter.architectures import UnsupportedModelError, architecture_for
+
+    model = load_model("tiny-gemma3", random_weights=True, dtype="fp16").model
+    with pytest.raises(UnsupportedModelError, match="outgrows float16.*bf16 or fp32 \\(--dtype"):
+        architecture_for(model)
