@@ -40,7 +40,7 @@ def test_every_layer_and_head_matmul_is_quantised_and_recorded(fixture, weights,
     assert q["settings"] == {"weights": weights, "bits": {"int4": 4, "int8": 8}[weights], "head_weights": "int8",
                              "block_size": 32,
                              "method": "hqq" if weights == "int4" else "rtn", "symmetric": fmt == "qdq",
-                             "accuracy_level": None, "format": fmt}
+                             "accuracy_level": None, "format": fmt, "embed_weights": "keep"}
     assert q["source_export"] == str(source.folder.resolve())
     assert m.fingerprint == source.fingerprint and m.num_layers == source.num_layers
     assert {k: m.data[k] for k in ("architecture", "dtype", "opset", "rotary")} == \
@@ -151,6 +151,36 @@ def test_head_weights_int4_on_request(tiny_opt_export, tmp_path):
     assert m.data["quantization"]["settings"]["head_weights"] == "int4"
     (node,) = [n for n in onnx.load(m.path("head")).graph.node if n.op_type == "MatMulNBits"]
     assert {a.name: a.i for a in node.attribute}["bits"] == 4
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_export", "tiny_opt_export"])
+def test_embed_weights_int4_is_gather_block_quantized_within_half_a_step(fixture, request, tmp_path):
+    import numpy as np
+    from onnx import numpy_helper
+
+    source: Manifest = request.getfixturevalue(fixture)
+    m = quantize(source.folder, tmp_path / "q", WeightQuant("int4", embed="int4"), progress=False, log=quiet)
+    assert m.data["quantization"]["settings"]["embed_weights"] == "int4" and m.data["quantization"]["unchanged"] == []
+    ops = _weight_ops(onnx.load(m.path("embed")))
+    assert ops.get("GatherBlockQuantized") == 1 and "Gather" not in ops  # OPT's positions are a GatherND: kept
+    table = next(numpy_helper.to_array(i) for i in onnx.load(source.path("embed")).graph.initializer
+                 if i.name == "tokens.weight")
+    vocab, hidden = table.shape
+    saved = source.path("embed").stat().st_size - m.path("embed").stat().st_size
+    assert saved > 0.8 * table.nbytes  # 4 bits + a scale and a zero point per 32 (OPT's position table is kept)
+
+    ids = torch.arange(vocab).reshape(-1, 32)  # every row of the table (OPT's positions stop at 256)
+    got, ref = (ExportStack(folder).embed(ids)[0].reshape(1, vocab, hidden) for folder in (m.folder, source.folder))
+    # asymmetric round to nearest over blocks of 32 along the hidden size, range widened to hold 0 (ONNX Runtime's
+    # rule): every value within half a quantisation step of its block, and no closer than fp32 (it is quantised)
+    blocks = table.reshape(vocab, hidden // 32, 32)
+    step = (np.maximum(blocks.max(-1), 0) - np.minimum(blocks.min(-1), 0)) / 15
+    err = (got[0] - ref[0]).abs().numpy().reshape(vocab, hidden // 32, 32).max(-1)
+    assert 0 < err.max() and (err <= step / 2 * (1 + 1e-4) + 1e-7).all()
+    out = Runtime.load(m.folder).generate([[5, 6, 7, 8]], 6, stop_tokens=[])
+    assert len(out.tokens[0]) == 6
+    with pytest.raises(ValueError, match="--embed-weights int4 writes ONNX Runtime's GatherBlockQuantized"):
+        WeightQuant("int4", format="qdq", embed="int4")
 
 
 def test_refusals(tiny_llama_export, quantized, tmp_path):
