@@ -34,6 +34,8 @@ def register(sub) -> None:
     p.add_argument("--no-validate", action="store_true", help="skip the perplexity/agreement check")
     p.add_argument("--eval-seqs", type=int, default=16, help="held-out sequences for the check (16 x 128 tokens)")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads for the check")
+    p.add_argument("--compare-gguf", type=Path, metavar="GGUF",
+                   help="also score llama.cpp on this GGUF of the same model on the same held-out tokens (xllamacpp)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_quantize)
 
@@ -48,5 +50,21 @@ def _quantize(args) -> int:
         from ..plans.calibrate import TextConfig
         from ..plans.quality import validate_quantized
 
-        validate_quantized(args.out, text=TextConfig(eval_seqs=args.eval_seqs), threads=args.threads)
+        text = TextConfig(eval_seqs=args.eval_seqs)
+        validate_quantized(args.out, text=text, threads=args.threads,
+                           others=gguf_scorers(args.compare_gguf, args.out, text, args.threads))
+    elif args.compare_gguf:
+        raise ValueError("--compare-gguf scores llama.cpp alongside the quality check: drop --no-validate")
     return 0
+
+
+def gguf_scorers(gguf, export_dir, text, threads) -> dict:
+    """{"llama.cpp NAME.gguf": its scorer} for ``--compare-gguf``, or {} without one."""
+    if gguf is None:
+        return {}
+    from ..manifest import Manifest
+    from ..tools.llamacpp import GGUFScorer
+
+    vocab = Manifest.load(export_dir).arch["vocab_size"]
+    return {f"llama.cpp {Path(gguf).name}": GGUFScorer(gguf, vocab_size=vocab, threads=threads,
+                                                       context=text.seq_len + 8)}
