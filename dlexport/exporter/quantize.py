@@ -33,7 +33,7 @@ EMBEDS = ("keep", "int4")  # the embedding table: as exported, or GatherBlockQua
 METHODS = ("hqq", "rtn")  # ONNX Runtime's quantiser algorithms that need no calibration data
 JOURNAL = ".quantize-progress.json"
 QDQ_OPSET = 21  # block-wise DequantizeLinear and the INT4 type
-GRAPH_FORM = 3  # bumped whenever the graphs written for the same settings change: older files are redone
+GRAPH_FORM = 4  # bumped whenever the graphs written for the same settings change: older files are redone
 
 
 @dataclass(frozen=True)
@@ -209,9 +209,68 @@ def quantize_graph(model, q: WeightQuant):
     logging.getLogger("onnxruntime").setLevel(logging.ERROR)
     quantizer.process()
     model = quantizer.model.model
+    if q.format == "ort":
+        _fuse_shared_input(model)
     if q.method == "hqq":
         _offsets_from_zero_points(model, q)
     return model
+
+
+FUSED = "_fused_split"  # name suffix of the Split after a fused MatMulNBits
+
+
+def _fuse_shared_input(model) -> None:
+    """MatMulNBits nodes that read the same activation with the same settings (q, k, v; gate, up) -> one MatMulNBits
+    over their concatenated output columns and a Split: at one token a layer's time is mostly per-kernel overhead
+    (and HQQ's offset MatMul is then done once per input). Every column is computed as before: the kernel quantises
+    the activations per block of K (accuracy level 4) the same way for all N."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    groups: dict[tuple, list] = {}
+    for n in graph.node:
+        if n.op_type == "MatMulNBits" and all(i in inits for i in n.input[1:] if i):
+            attrs = tuple(sorted((a.name, a.i) for a in n.attribute if a.name != "N"))
+            groups.setdefault((n.input[0], attrs, tuple(bool(i) for i in n.input[1:])), []).append(n)
+    fused = {id(ns[0]): ns for ns in groups.values() if len(ns) > 1}
+    if not fused:
+        return
+    dropped = {id(n) for ns in fused.values() for n in ns[1:]}
+    nodes = []
+    for node in graph.node:
+        if id(node) in dropped:
+            continue
+        if id(node) not in fused:
+            nodes.append(node)
+            continue
+        members = fused[id(node)]
+        widths = [next(a.i for a in n.attribute if a.name == "N") for n in members]
+        inputs = [node.input[0]]
+        for k in range(1, len(node.input)):
+            if not node.input[k]:
+                inputs.append("")
+                continue
+            arrays = [numpy_helper.to_array(inits[n.input[k]]) for n in members]
+            joined = np.concatenate([a.reshape(w, -1) for a, w in zip(arrays, widths)])
+            shape = (sum(widths), *arrays[0].shape[1:]) if arrays[0].ndim > 1 else (-1,)
+            name = f"{node.input[k]}_fused"
+            graph.initializer.append(numpy_helper.from_array(joined.reshape(shape), name))
+            inputs.append(name)
+        out = f"{node.output[0]}_fused"
+        attrs = {a.name: a.i for a in node.attribute}
+        attrs["N"] = sum(widths)
+        nodes.append(onnx.helper.make_node("MatMulNBits", inputs, [out], name=f"{node.name}_fused",
+                                           domain="com.microsoft", **attrs))
+        split = numpy_helper.from_array(np.array(widths, np.int64), f"{node.name}{FUSED}_widths")
+        graph.initializer.append(split)
+        nodes.append(onnx.helper.make_node("Split", [out, split.name], [n.output[0] for n in members], axis=-1,
+                                           name=f"{node.name}{FUSED}"))
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    _drop_unused_initializers(graph)
 
 
 def _offsets_from_zero_points(model, q: WeightQuant) -> None:
@@ -311,9 +370,12 @@ def quantize_embed(model, q: WeightQuant):
 
 
 def quantized_matmuls(model) -> int:
-    """How many MatMuls of a graph take quantised weights (MatMulNBits, or MatMul fed by a DequantizeLinear)."""
+    """How many MatMuls of the source graph take quantised weights here (MatMulNBits, each fused one counting the
+    MatMuls it holds, or MatMul fed by a DequantizeLinear)."""
     dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return sum(n.op_type == "MatMulNBits" or (n.op_type == "MatMul" and n.input[1] in dq) for n in model.graph.node)
+    fused = sum(len(n.output) - 1 for n in model.graph.node if n.op_type == "Split" and n.name.endswith(FUSED))
+    return fused + sum(n.op_type == "MatMulNBits" or (n.op_type == "MatMul" and n.input[1] in dq)
+                       for n in model.graph.node)
 
 
 def _check_out(source: Manifest, out: Path, identity: dict, overwrite: bool) -> dict:

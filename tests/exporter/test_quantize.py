@@ -146,6 +146,34 @@ def test_resumes_after_an_interruption_and_redoes_a_damaged_file(tiny_llama_expo
                 for n in nodes] == [{"accuracy_level": 4, "bits": bits, "block_size": 32}] * len(nodes)
 
 
+@pytest.mark.parametrize("fixture", ["tiny_llama_export", "tiny_opt_export"])
+def test_matmuls_reading_one_input_are_fused_bit_exactly(fixture, request, monkeypatch, tmp_path):
+    import numpy as np
+
+    from dlexport.engines.onnxruntime.loader import OrtConfig, create_session
+    from dlexport.exporter import quantize as module
+
+    source: Manifest = request.getfixturevalue(fixture)
+    q = WeightQuant("int4", accuracy_level=4)
+    fused = module.quantize_graph(onnx.load(source.path(source.layer_key(1))), q)
+    monkeypatch.setattr(module, "_fuse_shared_input", lambda model: None)
+    plain = module.quantize_graph(onnx.load(source.path(source.layer_key(1))), q)
+    # q, k, v and (Llama) gate, up share their input: 4 kernels instead of 7 (OPT: 4 instead of 6)
+    assert _weight_ops(fused)["MatMulNBits"] == 4 and _weight_ops(fused)["Split"] == 2 - (fixture == "tiny_opt_export")
+    assert module.quantized_matmuls(fused) == module.quantized_matmuls(plain) == MATMULS_PER_LAYER[fixture]
+    for name, model in (("fused", fused), ("plain", plain)):
+        onnx.save(model, str(tmp_path / f"{name}.onnx"))
+    sessions = [create_session(tmp_path / f"{name}.onnx", OrtConfig()) for name in ("fused", "plain")]
+    rng = np.random.default_rng(0)
+    dims = {"batch": 2, "tokens": 5, "capacity": 16, "past_plus_tokens": 8, "past_tokens": 3}
+    feeds = {i.name: (np.full([2], 3, np.int64) if i.type == "tensor(int64)" else
+                      rng.standard_normal([d if isinstance(d, int) else dims[d] for d in i.shape]).astype(np.float32))
+             for i in sessions[0].get_inputs()}
+    feeds["attention_mask"] = np.zeros_like(feeds["attention_mask"])
+    for a, b in zip(*(s.run(None, feeds) for s in sessions)):
+        assert np.array_equal(a, b)  # every output column computed as before
+
+
 def test_head_weights_int4_on_request(tiny_opt_export, tmp_path):
     m = quantize(tiny_opt_export.folder, tmp_path / "q", WeightQuant("int4", head="int4"), progress=False, log=quiet)
     assert m.data["quantization"]["settings"]["head_weights"] == "int4"
