@@ -18,6 +18,7 @@ SETTINGS = [(w, f) for w in ("int4", "int8") for f in ("ort", "qdq")]
 # hardest case for block quantisation; real models do better, see the SmolLM2 numbers in the README).
 LOGIT_BOUND = {"int4": 0.7, "int8": 0.06}
 MATMULS_PER_LAYER = {"tiny_llama_export": 7, "tiny_opt_export": 6}  # q, k, v, o + gate, up, down / fc1, fc2
+KERNELS_PER_LAYER = 4  # MatMulNBits: q/k/v fused, o, gate/up fused (Llama) or fc1, and down / fc2
 
 
 def quiet(*args):
@@ -53,7 +54,8 @@ def test_every_layer_and_head_matmul_is_quantised_and_recorded(fixture, weights,
         ops = _weight_ops(model)
         opset = {o.domain: o.version for o in model.opset_import}
         if fmt == "ort":
-            assert ops.get("MatMulNBits") == (n if name != "head" else 1) and "DequantizeLinear" not in ops
+            assert ops.get("MatMulNBits") == (KERNELS_PER_LAYER if name != "head" else 1)
+            assert "DequantizeLinear" not in ops
             assert opset["com.microsoft"] == 1
             inits = {i.name: i for i in model.graph.initializer}
             for node in (x for x in model.graph.node if x.op_type == "MatMulNBits"):  # the kernel's fast path:
