@@ -30,6 +30,8 @@ def register(sub) -> None:
 
     p = sub.add_parser("validate", help="re-run an export's validation against PyTorch")
     p.add_argument("dir", type=Path)
+    p.add_argument("--compare-gguf", type=Path, metavar="GGUF",
+                   help="a quantised export: also score llama.cpp on this GGUF on the same held-out tokens")
     p.set_defaults(func=_validate)
 
 
@@ -62,9 +64,15 @@ def _validate(args) -> int:
     if "quantization" in manifest.data:  # no PyTorch module holds its weights: measured against its source export
         from ..plans.quality import validate_quantized
 
-        validate_quantized(args.dir)
+        from ..plans.calibrate import TextConfig
+        from .quantizing import gguf_scorers
+
+        text = TextConfig()
+        validate_quantized(args.dir, text=text, others=gguf_scorers(args.compare_gguf, args.dir, text, None))
         print("validation done (quantised export: errors and quality reported above, no fp32 tolerance applies)")
         return 0
+    if args.compare_gguf:
+        raise ValueError("--compare-gguf is for a quantised export (its quality check scores llama.cpp alongside)")
     manifest.verify_files()
     dtype = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[manifest.dtype]
     loaded = load_source(manifest.data["source"], dtype=dtype)

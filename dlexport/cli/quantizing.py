@@ -17,6 +17,9 @@ def register(sub) -> None:
     p.add_argument("--head-weights", default="int8", choices=["int4", "int8"],
                    help="the exit head's weights (default int8: the vocabulary matrix is the most sensitive; int4 "
                         "there cost SmolLM2-135M +8.9%% perplexity against +0.2%%)")
+    p.add_argument("--embed-weights", default="keep", choices=["keep", "int4"],
+                   help="the token embedding table: keep it as exported (default), or int4 rows in blocks "
+                        "(ONNX Runtime's GatherBlockQuantized, --format ort only; opt-1.3b's fp32 table is 412 MB)")
     p.add_argument("--method", choices=["hqq", "rtn"],
                    help="hqq: fitted float zero points (default for int4 --format ort); rtn: round to nearest")
     p.add_argument("--format", default="ort", choices=["ort", "qdq"],
@@ -31,6 +34,8 @@ def register(sub) -> None:
     p.add_argument("--no-validate", action="store_true", help="skip the perplexity/agreement check")
     p.add_argument("--eval-seqs", type=int, default=16, help="held-out sequences for the check (16 x 128 tokens)")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads for the check")
+    p.add_argument("--compare-gguf", type=Path, metavar="GGUF",
+                   help="also score llama.cpp on this GGUF of the same model on the same held-out tokens (xllamacpp)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_quantize)
 
@@ -39,11 +44,27 @@ def _quantize(args) -> int:
     from ..exporter.quantize import WeightQuant, quantize
 
     q = WeightQuant(args.weights, args.block_size, args.symmetric, args.accuracy_level, args.format, args.method,
-                    args.head_weights)
+                    args.head_weights, args.embed_weights)
     quantize(args.dir, args.out, q, overwrite=args.overwrite, progress=not args.quiet)
     if not args.no_validate:
         from ..plans.calibrate import TextConfig
         from ..plans.quality import validate_quantized
 
-        validate_quantized(args.out, text=TextConfig(eval_seqs=args.eval_seqs), threads=args.threads)
+        text = TextConfig(eval_seqs=args.eval_seqs)
+        validate_quantized(args.out, text=text, threads=args.threads,
+                           others=gguf_scorers(args.compare_gguf, args.out, text, args.threads))
+    elif args.compare_gguf:
+        raise ValueError("--compare-gguf scores llama.cpp alongside the quality check: drop --no-validate")
     return 0
+
+
+def gguf_scorers(gguf, export_dir, text, threads) -> dict:
+    """{"llama.cpp NAME.gguf": its scorer} for ``--compare-gguf``, or {} without one."""
+    if gguf is None:
+        return {}
+    from ..manifest import Manifest
+    from ..tools.llamacpp import GGUFScorer
+
+    vocab = Manifest.load(export_dir).arch["vocab_size"]
+    return {f"llama.cpp {Path(gguf).name}": GGUFScorer(gguf, vocab_size=vocab, threads=threads,
+                                                       context=text.seq_len + 8)}

@@ -47,7 +47,8 @@ def describe(folder: Path) -> str:
     q = m.data.get("quantization")
     if q:
         st, quality = q["settings"], q.get("quality")
-        lines.append(f"  weights      {st['weights']} (head {st['head_weights']}), {st['format']}, {st['method']}, block "
+        embed = "" if st.get("embed_weights", "keep") == "keep" else f", embedding {st['embed_weights']}"
+        lines.append(f"  weights      {st['weights']} (head {st['head_weights']}{embed}), {st['format']}, {st['method']}, block "
                      f"{st['block_size']}, {'symmetric' if st['symmetric'] else 'asymmetric'}, accuracy level "
                      f"{st['accuracy_level']}; from {q['source_export']}")
         lines.append("  quality      " + (f"perplexity {quality['perplexity']['quantized']:.3f} vs "

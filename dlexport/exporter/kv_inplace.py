@@ -12,7 +12,10 @@ every other node untouched):
   RTX parses it into its ``KV_CACHE_UPDATE`` layer);
 - attention reads ``Slice(present, 0, past_length + tokens)``: the mask is ``[batch, 1, tokens, past_length + tokens]``
   and every shape the graph took from ``past`` now comes from that filled length, so the cost of a call follows the
-  filled length, not the capacity.
+  filled length, not the capacity;
+- grouped-query attention reads the filled key/values as they are: instead of repeating each KV head for its query
+  heads (``Expand``: a copy of the filled cache per call, the largest cost of a decode step at long context), the
+  query heads of a group are stacked as rows of one product with their KV head (``_grouped_attention``).
 """
 from __future__ import annotations
 
@@ -83,6 +86,10 @@ def rewrite(model: onnx.ModelProto, index: int) -> None:
         nodes = kept
     # the scatter and slices feed the attention: put them before the first node that reads the filled values
     order = head + _topological(nodes, tail)
+    kv_heads, head_dim = (next(i for i in g.input if i.name == past_key_name(index)).type.tensor_type.shape.dim[d]
+                          .dim_value for d in (1, 3))
+    order = _grouped_attention(order, g, f"kv.filled.{present_key_name(index)}",
+                               f"kv.filled.{present_value_name(index)}", kv_heads, head_dim)
     del g.node[:]
     g.node.extend(order)
     g.input.append(helper.make_tensor_value_info(PAST_LENGTH, TensorProto.INT64, ["batch"]))
@@ -94,6 +101,73 @@ def rewrite(model: onnx.ModelProto, index: int) -> None:
         if op.domain in ("", "ai.onnx"):
             op.version = max(op.version, OPSET)
     model.ir_version = max(model.ir_version, 11)
+
+
+def _grouped_attention(nodes: list, g, key: str, value: str, kv_heads: int, head_dim: int) -> list:
+    """``MatMul(Q, Transpose(Reshape(Expand(Unsqueeze(K)))))`` and ``MatMul(P, Reshape(Expand(Unsqueeze(V))))``
+    (HF's ``repeat_kv``) -> the same products with the ``heads / kv_heads`` query heads of each group as rows:
+    ``Reshape(MatMul(Reshape(Q, [b, kv_heads, -1, d]), Transpose(K)), [b, heads, -1, L])``, likewise for V. Query
+    head ``h`` reads KV head ``h // (heads / kv_heads)`` in both. A graph without that pattern is left as it is."""
+    consts = {i.name: i for i in g.initializer}
+    consts.update({n.output[0]: n.attribute[0].t for n in nodes if n.op_type == "Constant" and n.attribute})
+    users: dict[str, list] = {}
+    for n in nodes:
+        for x in n.input:
+            users.setdefault(x, []).append(n)
+    producer = {o: n for n in nodes for o in n.output}
+
+    def only_user(name, op):
+        us = users.get(name, [])
+        return us[0] if len(us) == 1 and us[0].op_type == op else None
+
+    def chain(start, ops):
+        out, cur = [], start
+        for op in ops:
+            node = only_user(cur, op)
+            if node is None:
+                return None
+            out.append(node)
+            cur = node.output[0]
+        return out
+
+    k_chain, v_chain = chain(key, ["Unsqueeze", "Expand", "Reshape", "Transpose", "MatMul"]), \
+        chain(value, ["Unsqueeze", "Expand", "Reshape", "MatMul"])
+    if not (k_chain and v_chain) or _attr(k_chain[3], "perm") != [0, 1, 3, 2] or k_chain[4].input[1] != \
+            k_chain[3].output[0] or v_chain[3].input[1] != v_chain[2].output[0]:
+        return nodes
+    target = producer.get(k_chain[2].input[1])  # Concat([b], [heads], [L], [d])
+    if target is None or target.op_type != "Concat" or target.input[1] not in consts:
+        return nodes
+    from onnx import numpy_helper
+
+    (heads,) = numpy_helper.to_array(consts[target.input[1]]).tolist()
+    shapes = {"q": [0, kv_heads, -1, head_dim], "scores": [0, heads, -1, 0], "probs": [0, kv_heads, -1, 0],
+              "out": [0, heads, -1, head_dim]}
+    made = [helper.make_node("Constant", [], [f"{key}.gqa.{k}"], value=helper.make_tensor(
+        f"{key}.gqa.{k}", TensorProto.INT64, [4], v)) for k, v in shapes.items()]
+    qk, pv = k_chain[4], v_chain[3]
+    t = f"{key}.gqa"
+    grouped = {
+        id(qk): [helper.make_node("Transpose", [key], [f"{t}.kt"], perm=[0, 1, 3, 2]),
+                 helper.make_node("Reshape", [qk.input[0], f"{t}.q"], [f"{t}.qg"]),
+                 helper.make_node("MatMul", [f"{t}.qg", f"{t}.kt"], [f"{t}.sg"]),
+                 helper.make_node("Reshape", [f"{t}.sg", f"{t}.scores"], list(qk.output))],
+        id(pv): [helper.make_node("Reshape", [pv.input[0], f"{t}.probs"], [f"{t}.pg"]),
+                 helper.make_node("MatMul", [f"{t}.pg", value], [f"{t}.og"]),
+                 helper.make_node("Reshape", [f"{t}.og", f"{t}.out"], list(pv.output))],
+    }
+    dropped = {id(n) for n in k_chain[:4] + v_chain[:3]}
+    out = made[:]
+    for n in nodes:
+        if id(n) not in dropped:
+            out.extend(grouped.get(id(n), [n]))
+    outputs = {v.name for v in g.output}
+    while True:  # drop what only computed the repeat's shapes
+        used = {x for n in out for x in n.input} | outputs
+        kept = [n for n in out if any(o in used for o in n.output)]
+        if len(kept) == len(out):
+            return out
+        out = kept
 
 
 def _past_shape(node, past: str) -> list:

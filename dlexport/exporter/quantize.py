@@ -9,7 +9,9 @@ whether a 1B model fits a Jetson. Two graph forms, both written by ONNX Runtime'
   only: TensorRT does not import UINT4/UINT8 weights, so it is symmetric). ONNX Runtime's quantiser writes int4; it
   has no int8 Q/DQ path, so int8 codes (symmetric round to nearest per block) are computed here.
 
-The embedding (a Gather) stays as it is. The quantised folder is an ordinary export with the source's fingerprint
+The embedding (a Gather) stays as it is unless ``embed="int4"``: then ONNX Runtime's quantiser turns the token
+table's Gather into ``com.microsoft.GatherBlockQuantized`` (int4 rows in blocks along the hidden size; ONNX Runtime
+only, TensorRT has no such op). On opt-1.3b the fp32 table alone is 412 MB. The quantised folder is an ordinary export with the source's fingerprint
 (plans made on the fp32 export stay valid: the layers are the same) plus a ``quantization`` record; the runtime loads
 it unchanged. Its quality is measured by ``dlexport.plans.quality`` against the source export.
 """
@@ -26,10 +28,12 @@ from .onnx_export import ExportDirError, _files_of, _still_whole
 
 WEIGHTS = {"int4": 4, "int8": 8}
 FORMATS = ("ort", "qdq")
+EMBEDS = ("keep", "int4")  # the embedding table: as exported, or GatherBlockQuantized (ONNX Runtime's quantiser
+# quantises a Gather to 4 bits only)
 METHODS = ("hqq", "rtn")  # ONNX Runtime's quantiser algorithms that need no calibration data
 JOURNAL = ".quantize-progress.json"
 QDQ_OPSET = 21  # block-wise DequantizeLinear and the INT4 type
-GRAPH_FORM = 3  # bumped whenever the graphs written for the same settings change: older files are redone
+GRAPH_FORM = 4  # bumped whenever the graphs written for the same settings change: older files are redone
 
 
 @dataclass(frozen=True)
@@ -46,11 +50,17 @@ class WeightQuant:
     format: str = "ort"
     method: str | None = None
     head: str = "int8"  # the exit head's weights: see ``for_head``
+    embed: str = "keep"  # the token table: see ``quantize_embed``
 
     def __post_init__(self):
         for flag, value in (("--weights", self.weights), ("--head-weights", self.head)):
             if value not in WEIGHTS:
                 raise ValueError(f"{flag} {value!r} is not one of {', '.join(WEIGHTS)}")
+        if self.embed not in EMBEDS:
+            raise ValueError(f"--embed-weights {self.embed!r} is not one of {', '.join(EMBEDS)}")
+        if self.embed != "keep" and self.format != "ort":
+            raise ValueError("--embed-weights int4 writes ONNX Runtime's GatherBlockQuantized, which TensorRT does not "
+                             "build: use it with --format ort, or keep the embedding (--embed-weights keep)")
         if self.format not in FORMATS:
             raise ValueError(f"--format {self.format!r} is not one of {', '.join(FORMATS)} (ort: ONNX Runtime's "
                              "MatMulNBits; qdq: DequantizeLinear -> MatMul, for TensorRT)")
@@ -89,12 +99,12 @@ class WeightQuant:
         +0.2% with an int8 head, as llama.cpp's 4-bit files also keep it at 6-8 bits."""
         method = self.method if self.head == self.weights else None
         return WeightQuant(self.head, self.block_size, self.symmetric, self.accuracy_level, self.format, method,
-                           self.head)
+                           self.head, self.embed)
 
     def to_json(self) -> dict:
         return {"weights": self.weights, "bits": self.bits, "head_weights": self.head, "block_size": self.block_size,
                 "method": self.method, "symmetric": self.symmetric, "accuracy_level": self.accuracy_level,
-                "format": self.format}
+                "format": self.format, "embed_weights": self.embed}
 
 
 def _gemms_to_matmuls(model) -> None:
@@ -199,9 +209,68 @@ def quantize_graph(model, q: WeightQuant):
     logging.getLogger("onnxruntime").setLevel(logging.ERROR)
     quantizer.process()
     model = quantizer.model.model
+    if q.format == "ort":
+        _fuse_shared_input(model)
     if q.method == "hqq":
         _offsets_from_zero_points(model, q)
     return model
+
+
+FUSED = "_fused_split"  # name suffix of the Split after a fused MatMulNBits
+
+
+def _fuse_shared_input(model) -> None:
+    """MatMulNBits nodes that read the same activation with the same settings (q, k, v; gate, up) -> one MatMulNBits
+    over their concatenated output columns and a Split: at one token a layer's time is mostly per-kernel overhead
+    (and HQQ's offset MatMul is then done once per input). Every column is computed as before: the kernel quantises
+    the activations per block of K (accuracy level 4) the same way for all N."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    groups: dict[tuple, list] = {}
+    for n in graph.node:
+        if n.op_type == "MatMulNBits" and all(i in inits for i in n.input[1:] if i):
+            attrs = tuple(sorted((a.name, a.i) for a in n.attribute if a.name != "N"))
+            groups.setdefault((n.input[0], attrs, tuple(bool(i) for i in n.input[1:])), []).append(n)
+    fused = {id(ns[0]): ns for ns in groups.values() if len(ns) > 1}
+    if not fused:
+        return
+    dropped = {id(n) for ns in fused.values() for n in ns[1:]}
+    nodes = []
+    for node in graph.node:
+        if id(node) in dropped:
+            continue
+        if id(node) not in fused:
+            nodes.append(node)
+            continue
+        members = fused[id(node)]
+        widths = [next(a.i for a in n.attribute if a.name == "N") for n in members]
+        inputs = [node.input[0]]
+        for k in range(1, len(node.input)):
+            if not node.input[k]:
+                inputs.append("")
+                continue
+            arrays = [numpy_helper.to_array(inits[n.input[k]]) for n in members]
+            joined = np.concatenate([a.reshape(w, -1) for a, w in zip(arrays, widths)])
+            shape = (sum(widths), *arrays[0].shape[1:]) if arrays[0].ndim > 1 else (-1,)
+            name = f"{node.input[k]}_fused"
+            graph.initializer.append(numpy_helper.from_array(joined.reshape(shape), name))
+            inputs.append(name)
+        out = f"{node.output[0]}_fused"
+        attrs = {a.name: a.i for a in node.attribute}
+        attrs["N"] = sum(widths)
+        nodes.append(onnx.helper.make_node("MatMulNBits", inputs, [out], name=f"{node.name}_fused",
+                                           domain="com.microsoft", **attrs))
+        split = numpy_helper.from_array(np.array(widths, np.int64), f"{node.name}{FUSED}_widths")
+        graph.initializer.append(split)
+        nodes.append(onnx.helper.make_node("Split", [out, split.name], [n.output[0] for n in members], axis=-1,
+                                           name=f"{node.name}{FUSED}"))
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    _drop_unused_initializers(graph)
 
 
 def _offsets_from_zero_points(model, q: WeightQuant) -> None:
@@ -273,10 +342,40 @@ def _offsets_from_zero_points(model, q: WeightQuant) -> None:
         _qdq_opset(model)
 
 
+def quantize_embed(model, q: WeightQuant):
+    """The embed graph with its token table's Gather (the one indexed by ``input_ids``) made int4
+    ``GatherBlockQuantized`` by ONNX Runtime's quantiser (round to nearest, blocks of ``q.block_size`` along the hidden
+    size; asymmetric unless ``q.symmetric``); other gathers (OPT's positions) stay. Returns the model."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    from onnxruntime.quantization.quant_utils import QuantFormat
+
+    inits = {i.name for i in model.graph.initializer}
+    gathers = [n for n in model.graph.node if n.op_type == "Gather"]
+    table = [n for n in gathers if n.input[0] in inits and n.input[1] == "input_ids"]
+    if len(table) != 1 or not all(n.name for n in gathers):
+        raise ValueError(f"the embed graph has {len(table)} named Gathers of a constant table by input_ids (expected "
+                         "one): quantise with --embed-weights keep")
+    hidden = next(i.dims for i in model.graph.initializer if i.name == table[0].input[0])[-1]
+    if hidden % q.block_size:
+        raise ValueError(f"the hidden size {hidden} is not a multiple of --block-size {q.block_size}: choose a block "
+                         "size that divides it, or --embed-weights keep")
+    config = DefaultWeightOnlyQuantConfig(block_size=q.block_size, is_symmetric=q.symmetric, bits=4,
+                                          quant_format=QuantFormat.QOperator, op_types_to_quantize=("Gather",),
+                                          quant_axes=(("Gather", 1),))
+    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=[n.name for n in gathers if n is not table[0]],
+                                     algo_config=config)
+    logging.getLogger("onnxruntime").setLevel(logging.ERROR)
+    quantizer.process()
+    return quantizer.model.model
+
+
 def quantized_matmuls(model) -> int:
-    """How many MatMuls of a graph take quantised weights (MatMulNBits, or MatMul fed by a DequantizeLinear)."""
+    """How many MatMuls of the source graph take quantised weights here (MatMulNBits, each fused one counting the
+    MatMuls it holds, or MatMul fed by a DequantizeLinear)."""
     dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return sum(n.op_type == "MatMulNBits" or (n.op_type == "MatMul" and n.input[1] in dq) for n in model.graph.node)
+    fused = sum(len(n.output) - 1 for n in model.graph.node if n.op_type == "Split" and n.name.endswith(FUSED))
+    return fused + sum(n.op_type == "MatMulNBits" or (n.op_type == "MatMul" and n.input[1] in dq)
+                       for n in model.graph.node)
 
 
 def _check_out(source: Manifest, out: Path, identity: dict, overwrite: bool) -> dict:
@@ -336,7 +435,12 @@ def quantize(export_dir, out, q: WeightQuant = WeightQuant(), *, overwrite: bool
         if not (facts and _still_whole(out, facts["files"])):
             dest = out / sub["file"]
             dest.parent.mkdir(parents=True, exist_ok=True)
-            if name == "embed":  # a Gather: copied as it is (the vocabulary rows are read, not multiplied)
+            if name == "embed" and q.embed == "int4":
+                model = quantize_embed(onnx.load(str(source.path(name))), q)
+                count = 0
+                with atomic_path(dest) as tmp:
+                    onnx.save(model, str(tmp))
+            elif name == "embed":  # a Gather: copied as it is (the vocabulary rows are read, not multiplied)
                 for f in sub["files"]:
                     with atomic_path(out / f["path"]) as tmp:
                         shutil.copyfile(source.folder / f["path"], tmp)
@@ -365,13 +469,13 @@ def quantize(export_dir, out, q: WeightQuant = WeightQuant(), *, overwrite: bool
         "quantized_matmuls": counts,
         "library": "dlexport (ONNX Runtime has no int8 Q/DQ path)" if q.format == "qdq" and q.bits == 8
                    else f"onnxruntime {version('onnxruntime')} MatMulNBitsQuantizer",
-        "unchanged": ["embed (Gather)"],
+        "unchanged": [] if q.embed == "int4" else ["embed (Gather)"],
     }
     manifest = Manifest(out, data)
     manifest.save()
     journal.remove()
     total = sum(counts.values())
     log(f"quantised {total} MatMuls in {len(names) - 1} subgraphs of {source.data['source']} to {q.weights} "
-        f"(head {q.head}; {q.format}, {q.method}, block {q.block_size}, {'symmetric' if q.symmetric else 'asymmetric'})"
-        f" into {out}")
+        f"(head {q.head}; {q.format}, {q.method}, block {q.block_size}, {'symmetric' if q.symmetric else 'asymmetric'}"
+        f"{'; embedding int4 GatherBlockQuantized' if q.embed == 'int4' else ''}) into {out}")
     return manifest

@@ -4,7 +4,8 @@ Per subgraph: each quantised layer (and the head) gets the fp32 graph's own inpu
 compared with the fp32 graph's (max |q - f| and relative RMS error): reported, not held to an fp32 tolerance. End to
 end: the quantised graphs run the whole text (teacher-forced), giving held-out perplexity next to the fp32 export's
 and top-1 agreement with the fp32 model, over at least ``MIN_TOKENS`` predicted tokens. Both sides are scored by
-``Stack.score``, the scoring every plan tool uses.
+``Stack.score``, the scoring every plan tool uses. ``others`` scores further models on the same tokens from their
+logits (e.g. llama.cpp on a GGUF, ``dlexport.tools.llamacpp``).
 """
 from __future__ import annotations
 
@@ -46,9 +47,22 @@ class _Error:
         return out
 
 
+def _score_logits(logits: torch.Tensor, ids: torch.Tensor, ref_top1: torch.Tensor) -> Scores:
+    """``Stack.score`` from logits [batch, tokens, vocab]: perplexity of ``ids[:, 1:]``, agreement with ``ref_top1``."""
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)
+    targets = ids[:, 1:]
+    nll = -logp.gather(-1, targets[..., None]).sum().item()
+    agree = (logits[:, :-1].argmax(-1) == ref_top1[:, :-1]).sum().item()
+    return Scores(nll / targets.numel(), agree / targets.numel(), targets.numel())
+
+
 def compare_to_source(export_dir, *, reference=None, text: TextConfig = TextConfig(), threads: int | None = None,
-                      batch_seqs: int = 2, log=print) -> dict:
-    """Quality of the quantised export ``export_dir`` against ``reference`` (default: the export it was made from)."""
+                      batch_seqs: int = 2, others: dict | None = None, log=print) -> dict:
+    """Quality of the quantised export ``export_dir`` against ``reference`` (default: the export it was made from).
+
+    ``others``: name -> an object with ``logits(ids [batch, tokens]) -> [batch, tokens, vocab]`` (and optionally an
+    ``info`` dict), scored on the same sequences: perplexity and top-1 agreement with the reference."""
+    others = others or {}
     t0 = time.perf_counter()
     manifest = Manifest.load(export_dir)
     q = manifest.data.get("quantization")
@@ -73,7 +87,7 @@ def compare_to_source(export_dir, *, reference=None, text: TextConfig = TextConf
 
     names = ["embed"] + [ref.manifest.layer_key(i) for i in range(ref.num_layers)] + ["head"]
     errors = {n: _Error(n) for n in names}
-    scores = {"reference": [], "quantized": []}
+    scores = {"reference": [], "quantized": [], **{name: [] for name in others}}
     with torch.inference_mode():  # a few sequences at a time: ONNX Runtime keeps an arena per session and shape
         for b in range(0, ids.shape[0], batch_seqs):
             batch = ids[b:b + batch_seqs]
@@ -89,9 +103,12 @@ def compare_to_source(export_dir, *, reference=None, text: TextConfig = TextConf
             ref_top1 = ref.top1(hidden)
             scores["reference"].append(ref.score(hidden, batch, ref_top1))
             scores["quantized"].append(cand.score(hq, batch, ref_top1))
-    full, quant = (Scores(sum(s.nll * s.tokens for s in v) / sum(s.tokens for s in v),
+            for name, other in others.items():
+                scores[name].append(_score_logits(other.logits(batch), batch, ref_top1))
+    total = {name: Scores(sum(s.nll * s.tokens for s in v) / sum(s.tokens for s in v),
                           sum(s.agreement * s.tokens for s in v) / sum(s.tokens for s in v),
-                          sum(s.tokens for s in v)) for v in scores.values())
+                          sum(s.tokens for s in v)) for name, v in scores.items()}
+    full, quant = total["reference"], total["quantized"]
     per_subgraph = [e.to_json() for e in errors.values()]
     report = {
         "reference": str(reference.resolve()),
@@ -101,6 +118,9 @@ def compare_to_source(export_dir, *, reference=None, text: TextConfig = TextConf
                        "ratio": round(quant.ppl / full.ppl, 5)},
         "agreement": round(quant.agreement, 5),
         "subgraphs": per_subgraph,
+        **({"others": {name: {"perplexity": round(total[name].ppl, 4), "ratio": round(total[name].ppl / full.ppl, 5),
+                              "agreement": round(total[name].agreement, 5), **getattr(other, "info", {})}
+                       for name, other in others.items()}} if others else {}),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     worst = max(per_subgraph[1:], key=lambda s: s.get("rel_rms_update", s["rel_rms"]))
@@ -110,17 +130,21 @@ def compare_to_source(export_dir, *, reference=None, text: TextConfig = TextConf
         f"{quant.agreement:.4f}; worst subgraph {worst['subgraph']}: RMS "
         f"error {worst.get('rel_rms_update', worst['rel_rms']):.3g} of its {of}, max |q - f| "
         f"{worst['max_abs_diff']:.3g} of {worst['max_abs_ref']:.3g}")
+    for name in others:
+        o = total[name]
+        log(f"{name} on the same tokens: perplexity {o.ppl:.3f} ({100 * (o.ppl / full.ppl - 1):+.2f}% vs the fp32 "
+            f"export), top-1 agreement with it {o.agreement:.4f}")
     return report
 
 
 def validate_quantized(export_dir, *, reference=None, text: TextConfig = TextConfig(), threads: int | None = None,
-                       log=print) -> dict:
+                       others: dict | None = None, log=print) -> dict:
     """``compare_to_source`` recorded in the quantised export's manifest (``quantization.quality``)."""
     manifest = Manifest.load(export_dir)
     if "quantization" not in manifest.data:
         raise ValueError(f"{export_dir} is not a quantised export: `dlexport validate` compares it with PyTorch")
     manifest.verify_files()
-    report = compare_to_source(export_dir, reference=reference, text=text, threads=threads, log=log)
+    report = compare_to_source(export_dir, reference=reference, text=text, threads=threads, others=others, log=log)
     manifest.data["quantization"]["quality"] = report
     manifest.save()
     return report

@@ -132,20 +132,9 @@ def mono_runner(mono) -> Runner:
 def llamacpp_runner(gguf: Path, threads: int | None, context: int, num_layers: int) -> Runner:
     """llama.cpp in process (xllamacpp's ``Server``): greedy, exactly ``new_tokens`` (EOS ignored), no prompt cache;
     the stream stamps each token as it arrives and carries its id (``n_probs`` 1)."""
-    try:
-        import xllamacpp
-    except ImportError as e:
-        raise ImportError("the llamacpp baseline needs xllamacpp (prebuilt llama.cpp): `pip install "
-                          "dlexport[llamacpp]`") from e
-    gguf = Path(gguf)
-    if not gguf.is_file():
-        raise FileNotFoundError(f"--gguf {gguf} is not a file: give the GGUF of the same model")
-    params = xllamacpp.CommonParams()
-    params.model.path = str(gguf)
-    params.n_ctx, params.n_parallel = context, 1
-    if threads:
-        params.cpuparams.n_threads = params.cpuparams_batch.n_threads = threads
-    server = xllamacpp.Server(params)
+    from .llamacpp import open_server
+
+    server = open_server(gguf, threads, context)
 
     def run(prompt, new_tokens):
         tokens, stamps = [], []

@@ -192,3 +192,12 @@ def test_an_export_from_before_ownership_markers_resumes_but_not_with_a_users_fi
     (out / "notes.txt").write_text("mine")
     with pytest.raises(FolderError, match="not made by dlexport"):
         export("tiny-opt", out, random_weights=True, progress=False, validate=False, log=lambda *a: None)
+
+
+def test_inplace_grouped_query_attention_reads_the_filled_cache_without_repeating_it(tiny_llama_export,
+                                                                                      tiny_llama_portable_export):
+    ops = {name: [n.op_type for n in onnx.load(m.path(m.layer_key(0)), load_external_data=False).graph.node]
+           for name, m in (("inplace", tiny_llama_export), ("portable", tiny_llama_portable_export))}
+    assert ops["portable"].count("Expand") == 2  # HF's repeat_kv, kept in the portable flavour
+    assert "Expand" not in ops["inplace"] and ops["inplace"].count("TensorScatter") == 2
+    # (the export fixture validated these layers against PyTorch, prefill and decode)

@@ -18,6 +18,7 @@ SETTINGS = [(w, f) for w in ("int4", "int8") for f in ("ort", "qdq")]
 # hardest case for block quantisation; real models do better, see the SmolLM2 numbers in the README).
 LOGIT_BOUND = {"int4": 0.7, "int8": 0.06}
 MATMULS_PER_LAYER = {"tiny_llama_export": 7, "tiny_opt_export": 6}  # q, k, v, o + gate, up, down / fc1, fc2
+KERNELS_PER_LAYER = 4  # MatMulNBits: q/k/v fused, o, gate/up fused (Llama) or fc1, and down / fc2
 
 
 def quiet(*args):
@@ -40,7 +41,7 @@ def test_every_layer_and_head_matmul_is_quantised_and_recorded(fixture, weights,
     assert q["settings"] == {"weights": weights, "bits": {"int4": 4, "int8": 8}[weights], "head_weights": "int8",
                              "block_size": 32,
                              "method": "hqq" if weights == "int4" else "rtn", "symmetric": fmt == "qdq",
-                             "accuracy_level": None, "format": fmt}
+                             "accuracy_level": None, "format": fmt, "embed_weights": "keep"}
     assert q["source_export"] == str(source.folder.resolve())
     assert m.fingerprint == source.fingerprint and m.num_layers == source.num_layers
     assert {k: m.data[k] for k in ("architecture", "dtype", "opset", "rotary")} == \
@@ -53,7 +54,8 @@ def test_every_layer_and_head_matmul_is_quantised_and_recorded(fixture, weights,
         ops = _weight_ops(model)
         opset = {o.domain: o.version for o in model.opset_import}
         if fmt == "ort":
-            assert ops.get("MatMulNBits") == (n if name != "head" else 1) and "DequantizeLinear" not in ops
+            assert ops.get("MatMulNBits") == (KERNELS_PER_LAYER if name != "head" else 1)
+            assert "DequantizeLinear" not in ops
             assert opset["com.microsoft"] == 1
             inits = {i.name: i for i in model.graph.initializer}
             for node in (x for x in model.graph.node if x.op_type == "MatMulNBits"):  # the kernel's fast path:
@@ -146,11 +148,69 @@ def test_resumes_after_an_interruption_and_redoes_a_damaged_file(tiny_llama_expo
                 for n in nodes] == [{"accuracy_level": 4, "bits": bits, "block_size": 32}] * len(nodes)
 
 
+@pytest.mark.parametrize("fixture", ["tiny_llama_export", "tiny_opt_export"])
+def test_matmuls_reading_one_input_are_fused_bit_exactly(fixture, request, monkeypatch, tmp_path):
+    import numpy as np
+
+    from dlexport.engines.onnxruntime.loader import OrtConfig, create_session
+    from dlexport.exporter import quantize as module
+
+    source: Manifest = request.getfixturevalue(fixture)
+    q = WeightQuant("int4", accuracy_level=4)
+    fused = module.quantize_graph(onnx.load(source.path(source.layer_key(1))), q)
+    monkeypatch.setattr(module, "_fuse_shared_input", lambda model: None)
+    plain = module.quantize_graph(onnx.load(source.path(source.layer_key(1))), q)
+    # q, k, v and (Llama) gate, up share their input: 4 kernels instead of 7 (OPT: 4 instead of 6)
+    assert _weight_ops(fused)["MatMulNBits"] == 4 and _weight_ops(fused)["Split"] == 2 - (fixture == "tiny_opt_export")
+    assert module.quantized_matmuls(fused) == module.quantized_matmuls(plain) == MATMULS_PER_LAYER[fixture]
+    for name, model in (("fused", fused), ("plain", plain)):
+        onnx.save(model, str(tmp_path / f"{name}.onnx"))
+    sessions = [create_session(tmp_path / f"{name}.onnx", OrtConfig()) for name in ("fused", "plain")]
+    rng = np.random.default_rng(0)
+    dims = {"batch": 2, "tokens": 5, "capacity": 16, "past_plus_tokens": 8, "past_tokens": 3}
+    feeds = {i.name: (np.full([2], 3, np.int64) if i.type == "tensor(int64)" else
+                      rng.standard_normal([d if isinstance(d, int) else dims[d] for d in i.shape]).astype(np.float32))
+             for i in sessions[0].get_inputs()}
+    feeds["attention_mask"] = np.zeros_like(feeds["attention_mask"])
+    for a, b in zip(*(s.run(None, feeds) for s in sessions)):
+        assert np.array_equal(a, b)  # every output column computed as before
+
+
 def test_head_weights_int4_on_request(tiny_opt_export, tmp_path):
     m = quantize(tiny_opt_export.folder, tmp_path / "q", WeightQuant("int4", head="int4"), progress=False, log=quiet)
     assert m.data["quantization"]["settings"]["head_weights"] == "int4"
     (node,) = [n for n in onnx.load(m.path("head")).graph.node if n.op_type == "MatMulNBits"]
     assert {a.name: a.i for a in node.attribute}["bits"] == 4
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_export", "tiny_opt_export"])
+def test_embed_weights_int4_is_gather_block_quantized_within_half_a_step(fixture, request, tmp_path):
+    import numpy as np
+    from onnx import numpy_helper
+
+    source: Manifest = request.getfixturevalue(fixture)
+    m = quantize(source.folder, tmp_path / "q", WeightQuant("int4", embed="int4"), progress=False, log=quiet)
+    assert m.data["quantization"]["settings"]["embed_weights"] == "int4" and m.data["quantization"]["unchanged"] == []
+    ops = _weight_ops(onnx.load(m.path("embed")))
+    assert ops.get("GatherBlockQuantized") == 1 and "Gather" not in ops  # OPT's positions are a GatherND: kept
+    table = next(numpy_helper.to_array(i) for i in onnx.load(source.path("embed")).graph.initializer
+                 if i.name == "tokens.weight")
+    vocab, hidden = table.shape
+    saved = source.path("embed").stat().st_size - m.path("embed").stat().st_size
+    assert saved > 0.8 * table.nbytes  # 4 bits + a scale and a zero point per 32 (OPT's position table is kept)
+
+    ids = torch.arange(vocab).reshape(-1, 32)  # every row of the table (OPT's positions stop at 256)
+    got, ref = (ExportStack(folder).embed(ids)[0].reshape(1, vocab, hidden) for folder in (m.folder, source.folder))
+    # asymmetric round to nearest over blocks of 32 along the hidden size, range widened to hold 0 (ONNX Runtime's
+    # rule): every value within half a quantisation step of its block, and no closer than fp32 (it is quantised)
+    blocks = table.reshape(vocab, hidden // 32, 32)
+    step = (np.maximum(blocks.max(-1), 0) - np.minimum(blocks.min(-1), 0)) / 15
+    err = (got[0] - ref[0]).abs().numpy().reshape(vocab, hidden // 32, 32).max(-1)
+    assert 0 < err.max() and (err <= step / 2 * (1 + 1e-4) + 1e-7).all()
+    out = Runtime.load(m.folder).generate([[5, 6, 7, 8]], 6, stop_tokens=[])
+    assert len(out.tokens[0]) == 6
+    with pytest.raises(ValueError, match="--embed-weights int4 writes ONNX Runtime's GatherBlockQuantized"):
+        WeightQuant("int4", format="qdq", embed="int4")
 
 
 def test_refusals(tiny_llama_export, quantized, tmp_path):

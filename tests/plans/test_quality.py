@@ -60,3 +60,25 @@ def test_refusals(tiny_llama_export, quantized, tmp_path):
     with pytest.raises(ValueError, match="its own source export"):
         compare_to_source(quantized("tiny_opt_export", "int8", "ort").folder, reference=tiny_llama_export.folder,
                           log=quiet)
+
+
+def test_other_models_are_scored_on_the_same_tokens(tiny_llama_export, quantized):
+    from dlexport.plans.stack import ExportStack
+
+    class Fp32Logits:  # the source export itself, through the logits interface: must score exactly as the reference
+        info = {"what": "the fp32 export"}
+
+        def __init__(self):
+            self.stack = ExportStack(tiny_llama_export.folder)
+
+        def logits(self, ids):
+            hidden, extras = self.stack.embed(ids)
+            return self.stack.logits(self.stack.run(hidden, extras, range(self.stack.num_layers)))
+
+    lines = []
+    r = compare_to_source(quantized("tiny_llama_export", "int8", "ort").folder, others={"fp32 again": Fp32Logits()},
+                          log=lines.append)
+    other = r["others"]["fp32 again"]
+    assert other["perplexity"] == pytest.approx(r["perplexity"]["reference"], rel=1e-5)
+    assert other["agreement"] == 1.0 and other["what"] == "the fp32 export"
+    assert lines[-1].startswith("fp32 again on the same tokens: perplexity")
