@@ -16,13 +16,15 @@ key/values of the accepted history (as in Draft & Verify), needs no second cache
 
 Greedy rounds emit argmax p_i, so the output is plain greedy decoding's. Sampling accepts d_i with probability
 min(1, p/q) and otherwise draws from max(0, p - q) normalised, so each token follows the full plan's distribution.
-A round with k = 0 is exactly a plain decoding step; that is what a switched-off speculator runs.
+A switched-off speculator runs the plain step itself (``Strategy.step``) and probes the draft at a bounded rate
+(``Speculator``), so a request whose text turns predictable gets the draft back.
 With a batch, rows accept the common prefix (a row's token at position i is decided before it is known whether
 the round reaches i, so truncating at another row's rejection keeps every row's distribution exact).
 Early exit is not combined with speculation: the plan's exit policy only lends its adapter to the draft head.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -89,30 +91,57 @@ def expected_speedup(k: int, alpha: float, draft_cost: float, plan_cost: float) 
 
 @dataclass
 class Speculator:
-    """The draft's layers and the draft length policy of one request."""
+    """The draft's layers and the draft length policy of one request.
+
+    Adaptive policy: a request starts with the draft off and *probes* it; a per-token acceptance estimate that
+    forgets old evidence (``decay`` per observation) decides, through ``expected_speedup``, whether to draft and
+    how far. While off, a request runs plain steps and probes at a bounded rate: every ``interval`` tokens, where
+    the interval starts so that probes cost at most ``probe_budget`` of the plan's cost and doubles after each
+    failed probe (up to ``max_interval``), back to the start after a hit. A prefix draft is probed for free of
+    layers (a *shadow* probe: its hidden state is the plan's own after the prefix, so only the draft head runs and
+    the token emitted is the plain step's); any other draft is probed by a one-token round.
+    """
 
     layers: tuple[int, ...]
     shared: int  # plan layers the draft shares as a prefix
     k_max: int
     adaptive: bool
-    draft_cost: float  # draft layers + head, per drafted token
+    draft_cost: float  # draft layers + draft head, per drafted token
     plan_cost: float  # plan layers + head, per plain token
     plan_layers: int
-    min_evidence: int = 8  # drafted tokens before the adaptive policy trusts its acceptance estimate
+    probe_cost: float = 0.0  # what one probe costs beyond a plain step (the draft head, or a whole draft token)
+    probe_budget: float = 0.02  # at most this fraction of the plan's cost goes to probing while off
+    max_interval: int = 64
+    decay: float = 0.8  # weight of older evidence per new observation
+    margin: float = 1.05  # draft only when the predicted speedup exceeds this
     k: int = 0
     drafted: int = 0
     accepted: int = 0
     rejections: int = 0
     rounds: int = 0  # rounds that drafted
-    verifications: int = 0  # all rounds, plain steps included
-    emitted: int = 0  # tokens the rounds produced
+    verifications: int = 0  # all steps, plain ones included
+    emitted: int = 0  # tokens the steps produced
+    probes: int = 0
+    probe_hits: float = 0.0
+    switched_on: int = 0
+    switched_off: int = 0
+    hits: float = 0.0  # decayed evidence behind ``alpha``
+    misses: float = 0.0
+    interval: int = 1
+    next_probe: int = 0  # token index (tokens emitted) at which the next probe is due
     off_message: str = ""
 
     def __post_init__(self):
-        self.k = self.k_max
+        self.k = 0 if self.adaptive else self.k_max
+        self.base_interval = self.interval = max(1, math.ceil(self.probe_cost / (self.probe_budget * self.plan_cost)))
+
+    @property
+    def shadow(self) -> bool:
+        """A prefix draft: probed from the plan's own hidden state after the prefix (no draft layer runs)."""
+        return self.shared == len(self.layers)
 
     @classmethod
-    def for_plan(cls, runtime, plan: Plan, draft: Draft) -> "Speculator":
+    def for_plan(cls, runtime, plan: Plan, draft: Draft, head_cost: float | None = None) -> "Speculator":
         missing = sorted(set(draft.layers) - set(plan.layers))
         if missing:
             raise PlanError(f"draft layers {missing} are not in the plan's layers; a self-speculative draft uses a "
@@ -123,42 +152,75 @@ class Speculator:
         shared = 0
         while shared < len(draft.layers) and draft.layers[shared] == plan.layers[shared]:
             shared += 1
-        layer_cost, head_cost = subgraph_costs(runtime.manifest)
-        return cls(tuple(draft.layers), shared, draft.k, draft.adaptive,
-                   sum(layer_cost[i] for i in draft.layers) + head_cost,
-                   sum(layer_cost[i] for i in plan.layers) + head_cost, len(plan.layers))
+        layer_cost, full_head = subgraph_costs(runtime.manifest)
+        head_cost = full_head if head_cost is None else head_cost
+        draft_cost = sum(layer_cost[i] for i in draft.layers) + head_cost
+        probe = head_cost if shared == len(draft.layers) else draft_cost
+        return cls(tuple(draft.layers), shared, draft.k, draft.adaptive, draft_cost,
+                   sum(layer_cost[i] for i in plan.layers) + full_head, len(plan.layers), probe_cost=probe)
 
     @property
     def alpha(self) -> float:
-        """Per-token acceptance estimate: accepted / (accepted + rejections), with one pseudo-count of each."""
-        return (self.accepted + 1) / (self.accepted + self.rejections + 2)
+        """Per-token acceptance estimate from recent evidence, with half a pseudo-count of each outcome."""
+        return (self.hits + 0.5) / (self.hits + self.misses + 1.0)
 
-    def next_k(self, remaining: int) -> int:
-        """Draft length for the next round; 0 (a plain step) when off or when one token is left."""
-        return min(self.k, max(remaining - 1, 0))
+    def next_k(self, n: int, remaining: int) -> int:
+        """Draft length for the next step at token index ``n``: 0 for a plain step (or a shadow probe)."""
+        if remaining <= 1:
+            return 0
+        if not self.k and self.adaptive and not self.shadow and self.probe_due(n):
+            return 1  # a one-token probe round
+        return min(self.k, remaining - 1)
 
-    def update(self, k: int, j: int) -> None:
+    def probe_due(self, n: int) -> bool:
+        return self.adaptive and not self.k and n >= self.next_probe
+
+    def _observe(self, hits: float, misses: float) -> None:
+        self.hits, self.misses = self.hits * self.decay + hits, self.misses * self.decay + misses
+
+    def probed(self, n: int, hit: float) -> None:
+        """A probe at token index ``n`` accepted its token with probability ``hit``; maybe switch the draft on."""
+        self.probes, self.probe_hits = self.probes + 1, self.probe_hits + hit
+        self._observe(hit, 1.0 - hit)
+        self.interval = self.base_interval if hit >= 0.5 else min(self.interval * 2, self.max_interval)
+        self.next_probe = n + self.interval
+        self._decide()
+
+    def plain(self) -> None:
+        self.verifications, self.emitted = self.verifications + 1, self.emitted + 1
+
+    def update(self, n: int, k: int, j: int) -> None:
+        """A round at token index ``n`` drafted ``k`` tokens and accepted ``j``."""
         self.verifications, self.emitted = self.verifications + 1, self.emitted + j + 1
-        if not k:
-            return
         self.rounds += 1
         self.drafted, self.accepted, self.rejections = self.drafted + k, self.accepted + j, self.rejections + (j < k)
-        if not self.adaptive or self.drafted < self.min_evidence:
+        if not self.adaptive:
             return
+        if not self.k:  # a one-token probe round of a skip-set draft
+            self.probed(n, float(j))
+            return
+        self._observe(j, float(j < k))
+        self._decide()
+        if not self.k:
+            self.next_probe = n + j + 1 + self.interval
+
+    def _decide(self) -> None:
         alpha = self.alpha
-        best = max(range(1, self.k_max + 1), key=lambda n: expected_speedup(n, alpha, self.draft_cost, self.plan_cost))
+        best = max(range(1, self.k_max + 1), key=lambda m: expected_speedup(m, alpha, self.draft_cost, self.plan_cost))
         gain = expected_speedup(best, alpha, self.draft_cost, self.plan_cost)
-        if gain <= 1.0:
-            self.k = 0
+        if self.k and gain <= 1.0:
+            self.k, self.switched_off = 0, self.switched_off + 1
             self.off_message = (f"speculation switched off after {self.drafted} drafted tokens: acceptance "
                                 f"{alpha:.2f} with a draft costing {self.draft_cost:.1f} layer-units per token "
                                 f"against {self.plan_cost:.1f} for the plan predicts {gain:.2f}x plain decoding")
-        else:
+        elif self.k or gain > self.margin:
+            self.switched_on += not self.k
             self.k = best
 
     def stats(self) -> dict:
         a = self.accepted / self.drafted if self.drafted else 0.0
-        spent = self.drafted * self.draft_cost + self.verifications * self.plan_cost
+        spent = (self.drafted * self.draft_cost + self.verifications * self.plan_cost
+                 + (self.probes * self.probe_cost if self.shadow else 0.0))
         layers = self.drafted * len(self.layers) + self.verifications * self.plan_layers
         return {"strategy": "speculative", "draft_layers": list(self.layers), "shared_prefix": self.shared,
                 "rounds": self.rounds, "drafted": self.drafted, "accepted": self.accepted, "acceptance_rate": a,
@@ -168,7 +230,9 @@ class Speculator:
                 "layer_cost_speedup": self.emitted * self.plan_cost / spent if spent else None,
                 "expected_speedup_at_measured_acceptance": expected_speedup(
                     max(self.k, 1), self.alpha, self.draft_cost, self.plan_cost) if self.drafted else None,
-                "switched_off": self.off_message}
+                "probes": self.probes, "probe_acceptance": self.probe_hits / self.probes if self.probes else None,
+                "shadow_probes": self.shadow, "probe_cost": self.probe_cost, "switched_on": self.switched_on,
+                "switched_off": self.switched_off, "off_message": self.off_message}
 
 
 # -- the strategy -------------------------------------------------------------------------------------------------
@@ -192,28 +256,60 @@ class Speculative(Strategy):
 
     def step(self, state: DecodeState) -> tuple[torch.Tensor, StepStats]:
         """One round: the tokens to emit [B, j+1] and the decoder layers run per emitted token."""
-        spec, cache, plan, t = self.spec, state.cache, state.plan, state.slot
-        k = spec.next_k(state.max_new_tokens - state.n)
+        spec = self.spec
+        k = spec.next_k(state.n, state.max_new_tokens - state.n)
+        if not k:
+            if spec.shadow and spec.probe_due(state.n):
+                return self._shadow_step(state)
+            spec.plain()
+            return super().step(state)  # exactly the plain step: a switched-off draft costs nothing
+        cache, plan, t = state.cache, state.plan, state.slot
         cache.new_step()
-        kept, draft, q = self._draft(state, k) if k else ([], state.last_tokens(), None)
+        kept, draft, q = self._draft(state, k)
         seg = state.embed(draft[:, -1:], state.positions(t + k))
         state.run_layers(seg, plan.layers[:spec.shared])
-        if k:
-            for i in spec.layers[spec.shared:]:
-                cache.rollback(i, t)
-            seg = Segment.cat(kept + [seg])
+        for i in spec.layers[spec.shared:]:
+            cache.rollback(i, t)
+        seg = Segment.cat(kept + [seg])
         state.run_layers(seg, plan.layers, start=spec.shared)
         logits = state.logits(seg.hidden)
-        if not k:
-            outcome, j = self.pick(state, logits[:, -1]), 0
-        else:
-            outcome, accepted = accept(draft[:, 1:], logits, q, state.sampling, state.generator)
-            j = int((accepted | state.done[:, None]).long().cumprod(1).sum(1).min())  # stopped rows never hold back
+        outcome, accepted = accept(draft[:, 1:], logits, q, state.sampling, state.generator)
+        j = int((accepted | state.done[:, None]).long().cumprod(1).sum(1).min())  # stopped rows never hold back
         for i in plan.layers:
             cache.rollback(i, t + j + 1)
         state.slot = t + j + 1
-        spec.update(k, j)
+        spec.update(state.n, k, j)
         return outcome[:, :j + 1], StepStats((k * len(spec.layers) + len(plan.layers)) / (j + 1), None)
+
+    def _shadow_step(self, state: DecodeState) -> tuple[torch.Tensor, StepStats]:
+        """A plain step that also scores the prefix draft on the plan's own hidden state after the prefix.
+
+        The emitted token is the plain step's (no extra randomness is drawn); the probe's outcome is whether the
+        draft's token would have been accepted: agreement with the greedy token, or sum(min(p, q)) when sampling.
+        A batch accepts only what every row accepts, so the rows' probabilities multiply.
+        """
+        spec, plan = self.spec, state.plan
+        state.cache.new_step()
+        seg = state.embed(state.last_tokens(), state.positions(state.slot))
+        state.run_layers(seg, plan.layers[:spec.shared])
+        draft_logits = self.draft_logits(state, seg.hidden[:, -1:])
+        state.run_layers(seg, plan.layers, start=spec.shared)
+        state.slot += 1
+        logits = state.logits(seg.hidden[:, -1:])[:, -1]
+        tokens = self.pick(state, logits)
+        if state.sampling.greedy:
+            row = (draft_logits.argmax(-1) == tokens[:, 0]).float()
+        else:
+            p, q = probabilities(logits, state.sampling), probabilities(draft_logits, state.sampling)
+            row = torch.minimum(p, q).sum(-1)
+        row = torch.where(state.done, torch.ones_like(row), row)
+        spec.plain()
+        spec.probed(state.n, float(row.prod()))
+        return tokens, StepStats(len(plan.layers), None)
+
+    def draft_logits(self, state: DecodeState, hidden_last: torch.Tensor) -> torch.Tensor:
+        """[B, V] draft logits after the draft's last layer (through the plan's calibrated adapter there if any)."""
+        return state.exit_logits(self.spec.layers[-1], hidden_last)
 
     def _draft(self, state: DecodeState, k: int):
         """k one-token draft steps from the last emitted token.
@@ -228,7 +324,7 @@ class Speculative(Strategy):
             state.run_layers(seg, spec.layers[:spec.shared])
             kept.append(seg.clone())
             state.run_layers(seg, spec.layers, start=spec.shared)
-            logits = state.exit_logits(spec.layers[-1], seg.hidden[:, -1:])  # calibrated adapter if any
+            logits = self.draft_logits(state, seg.hidden[:, -1:])
             if state.sampling.greedy:
                 tokens.append(logits.argmax(-1, keepdim=True))
             else:
