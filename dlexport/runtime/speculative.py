@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .. import checks
 from .decode import Strategy
-from .plan import Draft, Plan, PlanError
+from .plan import Draft, Plan, PlanError, check_draft_head
 from .sampling import Sampling, probabilities
 from .state import DecodeState, Segment, StepStats
 
@@ -69,14 +70,19 @@ def subgraph_costs(manifest) -> tuple[dict[int, float], float]:
     Decoding one token is dominated by reading weights, so a subgraph's file size is its cost; SmolLM2-135M's head
     (49152 x 576) costs about 8 layers, which is what sinks its drafts.
     """
-    def size(name):
-        return sum(f.get("size", 0) for f in manifest.subgraph(name).get("files", ()))
-
-    layers = {i: size(manifest.layer_key(i)) for i in range(manifest.num_layers)}
+    layers = {i: _size(manifest, manifest.layer_key(i)) for i in range(manifest.num_layers)}
     mean = sum(layers.values()) / len(layers)
     if not mean:
         return {i: 1.0 for i in layers}, 1.0
-    return {i: s / mean for i, s in layers.items()}, size("head") / mean
+    return {i: s / mean for i, s in layers.items()}, _size(manifest, "head") / mean
+
+
+def _size(manifest, name: str) -> int:
+    return sum(f.get("size", 0) for f in manifest.subgraph(name).get("files", ()))
+
+
+def _mean_layer_size(manifest) -> float:
+    return sum(_size(manifest, manifest.layer_key(i)) for i in range(manifest.num_layers)) / manifest.num_layers or 1.0
 
 
 def expected_speedup(k: int, alpha: float, draft_cost: float, plan_cost: float) -> float:
@@ -235,6 +241,40 @@ class Speculator:
                 "switched_off": self.switched_off, "off_message": self.off_message}
 
 
+# -- the cheap draft head ------------------------------------------------------------------------------------------
+class DraftHead:
+    """The exit head over a calibrated vocabulary subset (exporter/draft_head.py), used only to draft.
+
+    Its logits are scattered into a full-vocabulary row of -inf: greedy drafts are subset[argmax], and a sampled
+    draft's q is zero outside the subset, which the acceptance rule handles exactly (those tokens come only from
+    the residual distribution).
+    """
+
+    def __init__(self, runtime, path: Path):
+        from ..contract import TensorSpec
+        from ..engines.onnxruntime import OrtConfig, OrtEngine
+        from ..exporter.draft_head import token_ids
+
+        self.runtime, self.key = runtime, f"draft-head:{path}"
+        ids = token_ids(path)
+        self.ids = torch.tensor(ids, dtype=torch.int64, device=runtime.device)
+        if self.key not in runtime.engines:
+            dtype = runtime.manifest.dtype
+            config = OrtConfig(provider="cuda" if runtime.device.type == "cuda" else "cpu",
+                               device_id=runtime.device.index or 0, threads=runtime.threads)
+            runtime.engines[self.key] = OrtEngine(
+                self.key, path, [TensorSpec("hidden_states", ("batch", "tokens", runtime.manifest.arch["hidden_size"]),
+                                            dtype)],
+                [TensorSpec("logits", ("batch", "tokens", len(ids)), dtype)], config)
+        self.size = path.stat().st_size
+
+    def logits(self, hidden_last: torch.Tensor, timings: dict | None) -> torch.Tensor:
+        """[B, 1, hidden] -> [B, V] logits, -inf outside the subset."""
+        sub = self.runtime.call(self.key, {"hidden_states": hidden_last.contiguous()}, timings=timings)["logits"][:, -1]
+        full = sub.new_full((sub.shape[0], self.runtime.manifest.arch["vocab_size"]), float("-inf"))
+        return full.index_copy_(1, self.ids, sub)
+
+
 # -- the strategy -------------------------------------------------------------------------------------------------
 class Speculative(Strategy):
     """Draft-and-verify rounds (module docstring); plain steps once the adaptive policy has switched the draft off."""
@@ -249,7 +289,13 @@ class Speculative(Strategy):
         if not isinstance(draft, Draft):
             raise PlanError(f"draft must be a Draft(layers, k, adaptive), got {type(draft).__name__}")
         checks.layer_list(draft.layers, runtime.num_layers, "draft layers")
-        self.spec = Speculator.for_plan(runtime, plan, draft)
+        self.head = None
+        head_cost = None
+        if draft.head is not None:
+            check_draft_head(draft)
+            self.head = DraftHead(runtime, draft.head_path())
+            head_cost = self.head.size / _mean_layer_size(runtime.manifest)
+        self.spec = Speculator.for_plan(runtime, plan, draft, head_cost)
 
     def stats(self) -> dict:
         return self.spec.stats()
@@ -308,7 +354,10 @@ class Speculative(Strategy):
         return tokens, StepStats(len(plan.layers), None)
 
     def draft_logits(self, state: DecodeState, hidden_last: torch.Tensor) -> torch.Tensor:
-        """[B, V] draft logits after the draft's last layer (through the plan's calibrated adapter there if any)."""
+        """[B, V] draft logits after the draft's last layer: the cheap draft head when the draft has one, else the
+        exit head (through the plan's calibrated adapter there, if any)."""
+        if self.head is not None:
+            return self.head.logits(hidden_last, state.timings)
         return state.exit_logits(self.spec.layers[-1], hidden_last)
 
     def _draft(self, state: DecodeState, k: int):
