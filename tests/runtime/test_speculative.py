@@ -7,7 +7,9 @@ from scipy.stats import chisquare
 
 from dlexport.exporter import export
 from dlexport.runtime import Plan, PlanError, Runtime, Sampling
-from dlexport.runtime.plan import Draft
+from dlexport.exporter.draft_head import subset_head
+from dlexport.files import sha256_file
+from dlexport.runtime.plan import Draft, DraftHeadRef
 from dlexport.runtime.sampling import probabilities
 from dlexport.runtime.speculative import Speculator, accept, expected_speedup
 
@@ -152,8 +154,33 @@ def test_accept_sampling_reproduces_the_target_distribution():
     assert chisquare(wrong.numpy(), (p0 * n).double().numpy()).pvalue < 1e-6
 
 
+def _subset_draft(rt, export, folder, layers, k, adaptive, keep: float = 0.5, seed: int = 0) -> Draft:
+    """A draft with a cheap head over a random half of the vocabulary (so q is zero on the other half)."""
+    vocab = rt.manifest.arch["vocab_size"]
+    ids = torch.randperm(vocab, generator=torch.Generator().manual_seed(seed))[:int(vocab * keep)].tolist()
+    subset_head(export.folder / "head.onnx", ids, folder / "head_subset.onnx")
+    return Draft(layers, k, adaptive, DraftHeadRef("head_subset.onnx", sha256_file(folder / "head_subset.onnx"),
+                                                   len(ids)), str(folder))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_subset_draft_head_greedy_equals_plain_greedy(tiny_runtime, request, batch, tmp_path):
+    rt = tiny_runtime
+    export = request.getfixturevalue(request.node.callspec.params["tiny_runtime"])
+    prompts = _prompts(rt.manifest.arch["vocab_size"])[:batch]
+    plan = Plan.full(rt.manifest)
+    plain = rt.generate(prompts, 24, plan, stop_tokens=[])
+    for layers, adaptive in [((0, 1), False), ((0, 2), False), ((0, 1), True)]:
+        draft = _subset_draft(rt, export, tmp_path, layers, 3, adaptive)
+        spec = rt.generate(prompts, 24, plan, stop_tokens=[], strategy="speculative", draft=draft)
+        assert spec.tokens == plain.tokens, (layers, adaptive)
+    assert spec.extra["draft_cost"] < Speculator.for_plan(rt, plan, Draft(layers)).draft_cost  # it is cheaper
+
+
+@pytest.mark.parametrize("head", ["full-head", "subset-head"])
 @pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
-def test_speculative_sampling_matches_the_models_distribution(tiny_llama_export, tiny_llama_model, adaptive):
+def test_speculative_sampling_matches_the_models_distribution(tiny_llama_export, tiny_llama_model, adaptive, head,
+                                                              tmp_path):
     """Joint frequencies of the first 3 sampled tokens (top-k 3) against the exact distribution from PyTorch."""
     rt = Runtime.load(tiny_llama_export.folder)
     sampling = Sampling(temperature=1.0, top_k=3)
@@ -175,10 +202,12 @@ def test_speculative_sampling_matches_the_models_distribution(tiny_llama_export,
                 exact[(a, b, c)] = (p1[a] * p2[b] * p3[c]).item()
     rows, runs = 400, 5
     counts = dict.fromkeys(exact, 0)
+    draft = (_subset_draft(rt, tiny_llama_export, tmp_path, (0, 1), 2, adaptive) if head == "subset-head"
+             else Draft((0, 1), 2, adaptive))
     drafted = 0
     for seed in range(runs):
         gen = rt.generate([prompt] * rows, 3, Plan.full(rt.manifest), stop_tokens=[], strategy="speculative",
-                          draft=Draft((0, 1), 2, adaptive), sampling=Sampling(1.0, 3, seed=seed))
+                          draft=draft, sampling=Sampling(1.0, 3, seed=seed))
         drafted += gen.extra["drafted"] + gen.extra["probes"]
         for row in gen.tokens:
             counts[tuple(row)] += 1
