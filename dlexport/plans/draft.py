@@ -7,7 +7,8 @@
    greedy token is its acceptance), then greedy removal of single layers from the full stack, scored by the same
    agreement of the remaining layers run alone (an estimate: online, skipped layers' key/values come from
    verification), until ``budget_s`` is spent. Each set is scored by ``expected_speedup`` at its acceptance with
-   the best draft length, in layer costs from the exported weight sizes; the best set wins.
+   the best draft length, in layer costs from the exported weight sizes plus the per-call overheads the runtime
+   uses; the best set wins. The runtime's online depth search moves a prefix draft from this starting point.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from ..checks import integer, number
 from ..files import OwnedFolder, check_replaceable, sha256_file
 from ..runtime.plan import FORMAT as PLAN_FORMAT
 from ..runtime.plan import Draft, DraftHeadRef, Plan
-from ..runtime.speculative import expected_speedup, subgraph_costs
+from ..runtime.speculative import DRAFT_OVERHEAD, VERIFY_EXTRA, expected_speedup, subgraph_costs
 from .calibrate import TextConfig, open_export
 from .text import load_splits
 
@@ -87,8 +88,9 @@ def calibrate_draft(export_dir, out, *, coverage: float = 0.99, k: int = 4, budg
 
     def score(layers, alpha):
         cost = sum(layer_cost[i] for i in layers) + head_cost
-        best = max(range(1, k + 1), key=lambda m: expected_speedup(m, alpha, cost, plan_cost))
-        return expected_speedup(best, alpha, cost, plan_cost), best
+        gain = {m: expected_speedup(m, alpha, cost, plan_cost, DRAFT_OVERHEAD, VERIFY_EXTRA) for m in range(1, k + 1)}
+        best = max(gain, key=gain.get)
+        return gain[best], best
 
     candidates = {}
     for depth in range(1, n):  # prefixes: exact acceptance

@@ -85,14 +85,23 @@ def _mean_layer_size(manifest) -> float:
     return sum(_size(manifest, manifest.layer_key(i)) for i in range(manifest.num_layers)) / manifest.num_layers or 1.0
 
 
-def expected_speedup(k: int, alpha: float, draft_cost: float, plan_cost: float) -> float:
+# What the weight sizes leave out, in layer units, fitted on SmolLM2-135M (CPU, 1 thread): a prefix-1 draft with a
+# 821-token head at 11% acceptance predicted 1.08x from weights alone and ran at 0.99x. Each drafted token also pays
+# an embed call and engine-call overheads (DRAFT_OVERHEAD), and each extra verified position makes the
+# verification pass dearer (VERIFY_EXTRA, a fraction of the plan's cost).
+DRAFT_OVERHEAD, VERIFY_EXTRA = 1.0, 0.05
+
+
+def expected_speedup(k: int, alpha: float, draft_cost: float, plan_cost: float, overhead: float = 0.0,
+                     verify_extra: float = 0.0) -> float:
     """Tokens per cost relative to plain decoding, if each drafted token is accepted with probability alpha.
 
-    A round emits (1 - alpha^(k+1)) / (1 - alpha) tokens on average and costs k drafts plus one verification
-    (every plan layer once, plus the head); plain decoding costs ``plan_cost`` per token.
+    A round emits (1 - alpha^(k+1)) / (1 - alpha) tokens on average and costs k drafts (each ``draft_cost`` plus
+    ``overhead``) plus one verification of k+1 positions (``plan_cost`` * (1 + ``verify_extra`` * k)); plain
+    decoding costs ``plan_cost`` per token.
     """
     tokens = k + 1 if alpha >= 1.0 else (1 - alpha ** (k + 1)) / (1 - alpha)
-    return tokens * plan_cost / (k * draft_cost + plan_cost)
+    return tokens * plan_cost / (k * (draft_cost + overhead) + plan_cost * (1 + verify_extra * k))
 
 
 @dataclass
@@ -106,6 +115,12 @@ class Speculator:
     failed probe (up to ``max_interval``), back to the start after a hit. A prefix draft is probed for free of
     layers (a *shadow* probe: its hidden state is the plan's own after the prefix, so only the draft head runs and
     the token emitted is the plain step's); any other draft is probed by a one-token round.
+
+    Online depth search (adaptive prefix drafts): the plan's own hidden state after *any* prefix is what that
+    prefix draft would see, so each shadow probe and each verification also scores ``search_per_step`` other
+    candidate depths with the draft head (their exact acceptance at the verified positions), and the draft moves
+    to the depth with the best predicted speedup. The cost is a few draft-head calls per step, counted in the
+    probe cost; the output is unchanged (verification decides every token).
     """
 
     layers: tuple[int, ...]
@@ -136,10 +151,65 @@ class Speculator:
     interval: int = 1
     next_probe: int = 0  # token index (tokens emitted) at which the next probe is due
     off_message: str = ""
+    overhead: float = DRAFT_OVERHEAD
+    verify_extra: float = VERIFY_EXTRA
+    head_cost: float = 0.0  # the draft head alone
+    prefix_costs: tuple = ()  # cost of the plan's first d layers, for every d (depth search)
+    candidates: tuple = ()  # prefix depths the online search scores (empty: no search)
+    search_per_step: int = 2
+    min_evidence: float = 3.0  # decayed observations a depth needs before the draft may move there
+    depth_moves: int = 0
+    plan_order: tuple = ()  # the plan's layers (a prefix of them is the draft)
 
     def __post_init__(self):
         self.k = 0 if self.adaptive else self.k_max
+        self.evidence = {d: [0.0, 0.0] for d in self.candidates}  # depth -> decayed [hits, misses]
+        self._turn = 0
+        per_probe = self.head_cost * self.search_per_step if self.candidates else 0.0
+        self.probe_cost += per_probe
         self.base_interval = self.interval = max(1, math.ceil(self.probe_cost / (self.probe_budget * self.plan_cost)))
+
+    def gain(self, k: int, alpha: float, draft_cost: float | None = None) -> float:
+        return expected_speedup(k, alpha, self.draft_cost if draft_cost is None else draft_cost, self.plan_cost,
+                                self.overhead, self.verify_extra)
+
+    # -- online depth search (prefix drafts) -------------------------------------------------------------------
+    def scored_depths(self) -> list[int]:
+        """The other candidate depths to score this step (round-robin), besides the current one."""
+        others = [d for d in self.candidates if d != len(self.layers)]
+        if not others:
+            return []
+        picked = [others[(self._turn + i) % len(others)] for i in range(min(self.search_per_step, len(others)))]
+        self._turn += len(picked)
+        return picked
+
+    def observe_depth(self, depth: int, hits: float, misses: float) -> None:
+        e = self.evidence[depth]
+        e[0], e[1] = e[0] * self.decay + hits, e[1] * self.decay + misses
+
+    def _depth_gain(self, depth: int) -> float:
+        h, m = self.evidence[depth]
+        alpha = (h + 0.5) / (h + m + 1.0)
+        cost = self.prefix_costs[depth] + self.head_cost
+        return max(self.gain(n, alpha, cost) for n in range(1, self.k_max + 1))
+
+    def _sync_depth(self) -> None:
+        """Record the current depth's evidence, then move to the best scored depth."""
+        if not self.candidates:
+            return
+        self.evidence[len(self.layers)] = [self.hits, self.misses]
+        self.choose_depth()
+
+    def choose_depth(self) -> None:
+        """Move the draft to the scored depth with the best predicted speedup (given enough recent evidence)."""
+        current = len(self.layers)
+        ok = [d for d in self.candidates if sum(self.evidence[d]) >= self.min_evidence or d == current]
+        best = max(ok, key=self._depth_gain)
+        if best != current and self._depth_gain(best) > self._depth_gain(current) * 1.02:
+            self.layers, self.shared = tuple(self.plan_order[:best]), best
+            self.draft_cost = self.prefix_costs[best] + self.head_cost
+            self.hits, self.misses = self.evidence[best]
+            self.depth_moves += 1
 
     @property
     def shadow(self) -> bool:
@@ -147,7 +217,9 @@ class Speculator:
         return self.shared == len(self.layers)
 
     @classmethod
-    def for_plan(cls, runtime, plan: Plan, draft: Draft, head_cost: float | None = None) -> "Speculator":
+    def for_plan(cls, runtime, plan: Plan, draft: Draft, head_cost: float | None = None,
+                 search: bool | None = None) -> "Speculator":
+        """``search``: online depth search; None: when the draft is an adaptive prefix and scoring is cheap."""
         missing = sorted(set(draft.layers) - set(plan.layers))
         if missing:
             raise PlanError(f"draft layers {missing} are not in the plan's layers; a self-speculative draft uses a "
@@ -161,9 +233,20 @@ class Speculator:
         layer_cost, full_head = subgraph_costs(runtime.manifest)
         head_cost = full_head if head_cost is None else head_cost
         draft_cost = sum(layer_cost[i] for i in draft.layers) + head_cost
-        probe = head_cost if shared == len(draft.layers) else draft_cost
-        return cls(tuple(draft.layers), shared, draft.k, draft.adaptive, draft_cost,
-                   sum(layer_cost[i] for i in plan.layers) + full_head, len(plan.layers), probe_cost=probe)
+        prefix = shared == len(draft.layers)
+        prefix_costs = [0.0]
+        for i in plan.layers:
+            prefix_costs.append(prefix_costs[-1] + layer_cost[i])
+        n = len(plan.layers)
+        candidates = ()
+        plan_cost = sum(layer_cost[i] for i in plan.layers) + full_head
+        cheap = head_cost * cls.search_per_step <= cls.probe_budget * plan_cost  # scoring depths costs <= budget
+        if (cheap if search is None else search) and prefix and draft.adaptive and n > 2:
+            candidates = tuple(sorted({1, 2, len(draft.layers)} | {max(1, round(n * f)) for f in
+                                                                  (0.25, 0.5, 0.7, 0.8, 0.9)} - {n}))
+        return cls(tuple(draft.layers), shared, draft.k, draft.adaptive, draft_cost, plan_cost, n,
+                   probe_cost=head_cost if prefix else draft_cost, head_cost=head_cost,
+                   prefix_costs=tuple(prefix_costs), candidates=candidates, plan_order=tuple(plan.layers))
 
     @property
     def alpha(self) -> float:
@@ -184,11 +267,14 @@ class Speculator:
     def _observe(self, hits: float, misses: float) -> None:
         self.hits, self.misses = self.hits * self.decay + hits, self.misses * self.decay + misses
 
-    def probed(self, n: int, hit: float) -> None:
-        """A probe at token index ``n`` accepted its token with probability ``hit``; maybe switch the draft on."""
+    def probed(self, n: int, hit: float, any_hit: float | None = None) -> None:
+        """A probe at token index ``n`` accepted its token with probability ``hit`` (``any_hit``: the best of the
+        depths scored with it); maybe move the draft's depth and switch it on."""
         self.probes, self.probe_hits = self.probes + 1, self.probe_hits + hit
         self._observe(hit, 1.0 - hit)
-        self.interval = self.base_interval if hit >= 0.5 else min(self.interval * 2, self.max_interval)
+        self._sync_depth()
+        best = hit if any_hit is None else max(hit, any_hit)
+        self.interval = self.base_interval if best >= 0.5 else min(self.interval * 2, self.max_interval)
         self.next_probe = n + self.interval
         self._decide()
 
@@ -206,14 +292,15 @@ class Speculator:
             self.probed(n, float(j))
             return
         self._observe(j, float(j < k))
+        self._sync_depth()
         self._decide()
         if not self.k:
             self.next_probe = n + j + 1 + self.interval
 
     def _decide(self) -> None:
         alpha = self.alpha
-        best = max(range(1, self.k_max + 1), key=lambda m: expected_speedup(m, alpha, self.draft_cost, self.plan_cost))
-        gain = expected_speedup(best, alpha, self.draft_cost, self.plan_cost)
+        best = max(range(1, self.k_max + 1), key=lambda m: self.gain(m, alpha))
+        gain = self.gain(best, alpha)
         if self.k and gain <= 1.0:
             self.k, self.switched_off = 0, self.switched_off + 1
             self.off_message = (f"speculation switched off after {self.drafted} drafted tokens: acceptance "
@@ -234,8 +321,9 @@ class Speculator:
                 "final_k": self.k, "draft_cost": self.draft_cost, "plan_cost": self.plan_cost,
                 "layers_per_token": layers / self.emitted if self.emitted else None,
                 "layer_cost_speedup": self.emitted * self.plan_cost / spent if spent else None,
-                "expected_speedup_at_measured_acceptance": expected_speedup(
-                    max(self.k, 1), self.alpha, self.draft_cost, self.plan_cost) if self.drafted else None,
+                "expected_speedup_at_measured_acceptance": self.gain(max(self.k, 1), self.alpha)
+                if self.drafted else None, "final_depth": len(self.layers), "depth_moves": self.depth_moves,
+                "depths_scored": {d: round((e[0] + .5) / (sum(e) + 1), 3) for d, e in self.evidence.items() if sum(e)},
                 "probes": self.probes, "probe_acceptance": self.probe_hits / self.probes if self.probes else None,
                 "shadow_probes": self.shadow, "probe_cost": self.probe_cost, "switched_on": self.switched_on,
                 "switched_off": self.switched_off, "off_message": self.off_message}
@@ -268,11 +356,11 @@ class DraftHead:
                 [TensorSpec("logits", ("batch", "tokens", len(ids)), dtype)], config)
         self.size = path.stat().st_size
 
-    def logits(self, hidden_last: torch.Tensor, timings: dict | None) -> torch.Tensor:
-        """[B, 1, hidden] -> [B, V] logits, -inf outside the subset."""
-        sub = self.runtime.call(self.key, {"hidden_states": hidden_last.contiguous()}, timings=timings)["logits"][:, -1]
-        full = sub.new_full((sub.shape[0], self.runtime.manifest.arch["vocab_size"]), float("-inf"))
-        return full.index_copy_(1, self.ids, sub)
+    def logits(self, hidden: torch.Tensor, timings: dict | None) -> torch.Tensor:
+        """[B, T, hidden] -> [B, T, V] logits, -inf outside the subset."""
+        sub = self.runtime.call(self.key, {"hidden_states": hidden.contiguous()}, timings=timings)["logits"]
+        full = sub.new_full(sub.shape[:-1] + (self.runtime.manifest.arch["vocab_size"],), float("-inf"))
+        return full.index_copy_(-1, self.ids, sub)
 
 
 # -- the strategy -------------------------------------------------------------------------------------------------
@@ -281,7 +369,7 @@ class Speculative(Strategy):
 
     name = "speculative"
 
-    def __init__(self, runtime, plan: Plan, draft: Draft | None = None):
+    def __init__(self, runtime, plan: Plan, draft: Draft | None = None, search: bool | None = None):
         draft = draft or plan.draft
         if draft is None:
             raise PlanError("strategy 'speculative' needs draft layers: give the plan a 'draft' entry or pass "
@@ -295,7 +383,9 @@ class Speculative(Strategy):
             check_draft_head(draft)
             self.head = DraftHead(runtime, draft.head_path())
             head_cost = self.head.size / _mean_layer_size(runtime.manifest)
-        self.spec = Speculator.for_plan(runtime, plan, draft, head_cost)
+        if search is not None and not isinstance(search, bool):
+            raise PlanError(f"search must be True, False or None (automatic), got {search!r}")
+        self.spec = Speculator.for_plan(runtime, plan, draft, head_cost, search)
 
     def stats(self) -> dict:
         return self.spec.stats()
@@ -317,10 +407,19 @@ class Speculative(Strategy):
         for i in spec.layers[spec.shared:]:
             cache.rollback(i, t)
         seg = Segment.cat(kept + [seg])
-        state.run_layers(seg, plan.layers, start=spec.shared)
+        deeper, ran = {}, spec.shared
+        if self.head is not None:  # depth search: deeper prefix drafts scored on the verification's own states
+            for d in sorted(d for d in spec.scored_depths() if d > spec.shared):
+                state.run_layers(seg, plan.layers[:d], start=ran)
+                ran = d
+                deeper[d] = self.head.logits(seg.hidden, state.timings)
+        state.run_layers(seg, plan.layers, start=ran)
         logits = state.logits(seg.hidden)
         outcome, accepted = accept(draft[:, 1:], logits, q, state.sampling, state.generator)
         j = int((accepted | state.done[:, None]).long().cumprod(1).sum(1).min())  # stopped rows never hold back
+        for d, dl in deeper.items():  # positions 0..j: their context is the accepted text
+            h = float(self._accepts(state, logits[:, :j + 1], outcome[:, :j + 1], dl[:, :j + 1]).prod(1).sum())
+            spec.observe_depth(d, h, j + 1 - h)
         for i in plan.layers:
             cache.rollback(i, t + j + 1)
         state.slot = t + j + 1
@@ -328,37 +427,54 @@ class Speculative(Strategy):
         return outcome[:, :j + 1], StepStats((k * len(spec.layers) + len(plan.layers)) / (j + 1), None)
 
     def _shadow_step(self, state: DecodeState) -> tuple[torch.Tensor, StepStats]:
-        """A plain step that also scores the prefix draft on the plan's own hidden state after the prefix.
+        """A plain step that also scores prefix drafts on the plan's own hidden states after their prefixes.
 
-        The emitted token is the plain step's (no extra randomness is drawn); the probe's outcome is whether the
-        draft's token would have been accepted: agreement with the greedy token, or sum(min(p, q)) when sampling.
-        A batch accepts only what every row accepts, so the rows' probabilities multiply.
+        The emitted token is the plain step's (no extra randomness is drawn). Scored: the current draft depth and
+        the depth search's candidates this step; each outcome is whether that draft's token would have been
+        accepted: agreement with the greedy token, or sum(min(p, q)) when sampling. A batch accepts only what every
+        row accepts, so the rows' probabilities multiply.
         """
         spec, plan = self.spec, state.plan
         state.cache.new_step()
         seg = state.embed(state.last_tokens(), state.positions(state.slot))
-        state.run_layers(seg, plan.layers[:spec.shared])
-        draft_logits = self.draft_logits(state, seg.hidden[:, -1:])
-        state.run_layers(seg, plan.layers, start=spec.shared)
+        current = len(spec.layers)
+        drafts, ran = {}, 0
+        for d in sorted({current, *spec.scored_depths()}):
+            state.run_layers(seg, plan.layers[:d], start=ran)
+            ran = d
+            drafts[d] = self.draft_logits(state, seg.hidden[:, -1:], plan.layers[d - 1])
+        state.run_layers(seg, plan.layers, start=ran)
         state.slot += 1
         logits = state.logits(seg.hidden[:, -1:])[:, -1]
         tokens = self.pick(state, logits)
-        if state.sampling.greedy:
-            row = (draft_logits.argmax(-1) == tokens[:, 0]).float()
-        else:
-            p, q = probabilities(logits, state.sampling), probabilities(draft_logits, state.sampling)
-            row = torch.minimum(p, q).sum(-1)
-        row = torch.where(state.done, torch.ones_like(row), row)
+        hits = {d: float(self._accepts(state, logits[:, None], tokens, q[:, None]).prod(1).sum())
+                for d, q in drafts.items()}
+        for d, h in hits.items():
+            if d != current:
+                spec.observe_depth(d, h, 1.0 - h)
         spec.plain()
-        spec.probed(state.n, float(row.prod()))
+        spec.probed(state.n, hits[current], max(hits.values()))
         return tokens, StepStats(len(plan.layers), None)
 
-    def draft_logits(self, state: DecodeState, hidden_last: torch.Tensor) -> torch.Tensor:
-        """[B, V] draft logits after the draft's last layer: the cheap draft head when the draft has one, else the
-        exit head (through the plan's calibrated adapter there, if any)."""
+    @staticmethod
+    def _accepts(state: DecodeState, target: torch.Tensor, tokens: torch.Tensor, draft: torch.Tensor) -> torch.Tensor:
+        """[T, B] probability that a draft with logits ``draft`` [B, T, V] has its token accepted at each position,
+        given the target logits [B, T, V] and the emitted tokens [B, T] (stopped rows count as accepting)."""
+        if state.sampling.greedy:
+            ok = (draft.argmax(-1) == tokens).float()
+        else:
+            b, t, v = target.shape
+            p = probabilities(target.reshape(b * t, v), state.sampling)
+            q = probabilities(draft.reshape(b * t, v), state.sampling)
+            ok = torch.minimum(p, q).sum(-1).view(b, t)
+        return torch.where(state.done[:, None], torch.ones_like(ok), ok).T
+
+    def draft_logits(self, state: DecodeState, hidden_last: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """[B, V] draft logits after ``layer`` (default: the draft's last): the cheap draft head when the draft has
+        one, else the exit head (through the plan's calibrated adapter there, if any)."""
         if self.head is not None:
-            return self.head.logits(hidden_last, state.timings)
-        return state.exit_logits(self.spec.layers[-1], hidden_last)
+            return self.head.logits(hidden_last, state.timings)[:, -1]
+        return state.exit_logits(self.spec.layers[-1] if layer is None else layer, hidden_last)
 
     def _draft(self, state: DecodeState, k: int):
         """k one-token draft steps from the last emitted token.

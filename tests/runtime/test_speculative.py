@@ -89,7 +89,8 @@ def test_adaptive_stays_off_and_probes_at_a_bounded_rate(tiny_opt_export):
 
 
 def test_probe_policy_backs_off_and_switches_on_and_off():
-    spec = Speculator((0, 1), 2, 4, True, draft_cost=3.0, plan_cost=10.0, plan_layers=8, probe_cost=0.2)
+    spec = Speculator((0, 1), 2, 4, True, draft_cost=3.0, plan_cost=10.0, plan_layers=8, probe_cost=0.2,
+                      overhead=0.0, verify_extra=0.0)
     assert spec.interval == 1 and spec.k == 0 and spec.probe_due(0)
     n, due = 0, []
     for _ in range(6):  # failed probes: the interval doubles up to the cap
@@ -109,6 +110,22 @@ def test_probe_policy_backs_off_and_switches_on_and_off():
     assert skip.next_k(0, 10) == 1 and skip.next_k(0, 1) == 0  # a probe round, unless one token is left
     skip.update(0, 1, 0)  # its draft was rejected
     assert skip.next_k(1, 10) == 0 and skip.next_probe == 30 and skip.probes == 1
+
+
+def test_depth_search_moves_the_draft_to_the_depth_that_pays():
+    costs = tuple(0.5 * d for d in range(9))  # prefix d of an 8-layer plan costs d/2 layer-units
+    spec = Speculator((0,), 1, 4, True, draft_cost=1.05, plan_cost=9.0, plan_layers=8, probe_cost=0.05,
+                      head_cost=0.05, prefix_costs=costs, candidates=(1, 2, 4, 6), plan_order=tuple(range(8)))
+    assert spec.base_interval == 1
+    seen = set()
+    for n in range(6):
+        seen |= set(spec.scored_depths())
+        spec.observe_depth(6, 1.0, 0.0)  # a deep prefix that always agrees; the current one never does
+        spec.probed(n, 0.0, 1.0)
+    assert {2, 4, 6} <= seen
+    assert spec.layers == tuple(range(6)) and spec.shared == 6 and spec.depth_moves == 1
+    assert spec.draft_cost == pytest.approx(3.05) and spec.k > 0  # and the draft switched on there
+    assert spec.interval == 1  # a depth hit keeps probing often
 
 
 def test_expected_speedup():
@@ -170,10 +187,12 @@ def test_subset_draft_head_greedy_equals_plain_greedy(tiny_runtime, request, bat
     prompts = _prompts(rt.manifest.arch["vocab_size"])[:batch]
     plan = Plan.full(rt.manifest)
     plain = rt.generate(prompts, 24, plan, stop_tokens=[])
-    for layers, adaptive in [((0, 1), False), ((0, 2), False), ((0, 1), True)]:
+    for layers, adaptive, search in [((0, 1), False, None), ((0, 2), False, None), ((0, 1), True, False),
+                                     ((0, 1), True, True)]:
         draft = _subset_draft(rt, export, tmp_path, layers, 3, adaptive)
-        spec = rt.generate(prompts, 24, plan, stop_tokens=[], strategy="speculative", draft=draft)
-        assert spec.tokens == plain.tokens, (layers, adaptive)
+        spec = rt.generate(prompts, 24, plan, stop_tokens=[], strategy="speculative", draft=draft, search=search)
+        assert spec.tokens == plain.tokens, (layers, adaptive, search)
+    assert spec.extra["depths_scored"]  # the online depth search ran
     assert spec.extra["draft_cost"] < Speculator.for_plan(rt, plan, Draft(layers)).draft_cost  # it is cheaper
 
 
@@ -207,7 +226,7 @@ def test_speculative_sampling_matches_the_models_distribution(tiny_llama_export,
     drafted = 0
     for seed in range(runs):
         gen = rt.generate([prompt] * rows, 3, Plan.full(rt.manifest), stop_tokens=[], strategy="speculative",
-                          draft=draft, sampling=Sampling(1.0, 3, seed=seed))
+                          draft=draft, sampling=Sampling(1.0, 3, seed=seed), search=adaptive or None)
         drafted += gen.extra["drafted"] + gen.extra["probes"]
         for row in gen.tokens:
             counts[tuple(row)] += 1
