@@ -40,7 +40,7 @@ def repetitive_prompts(count: int, length: int, tokenizer) -> list[list[int]]:
     texts = prose_texts()
     i = 0
     while len(out) < count:
-        name, text = texts[i % len(texts)]
+        _, text = texts[i % len(texts)]
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         start = (i // len(texts)) * length
         passage = ids[start:start + 3 * length // 4]
@@ -105,7 +105,10 @@ def main() -> None:
                        probes=probes, probe_acceptance=round(sum(x["probe_acceptance"] * x["probes"] for x in e
                                                                  if x["probes"]) / probes, 4) if probes else None,
                        requests_that_drafted=sum(1 for x in e if x["drafted"]),
-                       switched_on=sum(x["switched_on"] for x in e), switched_off=sum(x["switched_off"] for x in e))
+                       switched_on=sum(x["switched_on"] for x in e), switched_off=sum(x["switched_off"] for x in e),
+                       depth_moves=sum(x["depth_moves"] for x in e),
+                       final_depths={str(d): sum(1 for x in e if x["final_depth"] == d)
+                                     for d in sorted({x["final_depth"] for x in e})})
         rows[name] = row
         print(name, row, flush=True)
     result = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv),

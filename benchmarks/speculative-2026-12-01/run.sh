@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 EXPORT=${EXPORT:-/work/exports/smollm2-inplace}
-PLAN_DIR=${PLAN_DIR:-/tmp/spec/smolplan}
+PLAN_DIR=${PLAN_DIR:-/tmp/spec/smolplan2}
 OUT=benchmarks/speculative-2026-12-01
 export PYTHONPATH=.
 [ -f "$PLAN_DIR/plan.json" ] || python -c "import sys; from dlexport.cli import main; sys.exit(main())" \
@@ -13,5 +13,5 @@ cp "$PLAN_DIR/plan.json" "$OUT/draft-plan.json"
 /work/notes/quiet.sh python scripts/speculative_probe_bench.py --export "$EXPORT" --plan "$PLAN_DIR/plan.json" \
     --set prose --prompts 60 --new-tokens 16 --configs plain calibrated prefix12-full-head --out "$OUT"
 /work/notes/quiet.sh python scripts/speculative_probe_bench.py --export "$EXPORT" --plan "$PLAN_DIR/plan.json" \
-    --set repetitive --prompts 24 --new-tokens 24 \
+    --set repetitive --prompts 16 --new-tokens 24 \
     --configs plain calibrated prefix12-cheap-head prefix12-full-head --out "$OUT"

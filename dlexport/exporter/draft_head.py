@@ -22,7 +22,7 @@ def subset_head(head_path: Path, token_ids, out: Path) -> None:
     import onnx
     from onnx import numpy_helper
 
-    ids = np.asarray(sorted(set(int(t) for t in token_ids)), dtype=np.int64)
+    ids = np.asarray(sorted({int(t) for t in token_ids}), dtype=np.int64)
     model = onnx.load(str(head_path))
     g = model.graph
     inits = {i.name: i for i in g.initializer}

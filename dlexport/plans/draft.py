@@ -21,7 +21,12 @@ from ..checks import integer, number
 from ..files import OwnedFolder, check_replaceable, sha256_file
 from ..runtime.plan import FORMAT as PLAN_FORMAT
 from ..runtime.plan import Draft, DraftHeadRef, Plan
-from ..runtime.speculative import DRAFT_OVERHEAD, VERIFY_EXTRA, expected_speedup, subgraph_costs
+from ..runtime.speculative import (
+    DRAFT_OVERHEAD,
+    VERIFY_EXTRA,
+    expected_speedup,
+    subgraph_costs,
+)
 from .calibrate import TextConfig, open_export
 from .text import load_splits
 

@@ -111,8 +111,9 @@ class Speculator:
     Adaptive policy: a request starts with the draft off and *probes* it; a per-token acceptance estimate that
     forgets old evidence (``decay`` per observation) decides, through ``expected_speedup``, whether to draft and
     how far. While off, a request runs plain steps and probes at a bounded rate: every ``interval`` tokens, where
-    the interval starts so that probes cost at most ``probe_budget`` of the plan's cost and doubles after each
-    failed probe (up to ``max_interval``), back to the start after a hit. A prefix draft is probed for free of
+    the interval starts so that failing probes cost at most ``probe_budget`` of the plan's cost and doubles after
+    each failed probe (up to ``max_interval``); a hit is followed up at the next token, to gather the evidence that
+    switches the draft on. A prefix draft is probed for free of
     layers (a *shadow* probe: its hidden state is the plan's own after the prefix, so only the draft head runs and
     the token emitted is the plain step's); any other draft is probed by a one-token round.
 
@@ -133,8 +134,8 @@ class Speculator:
     probe_cost: float = 0.0  # what one probe costs beyond a plain step (the draft head, or a whole draft token)
     probe_budget: float = 0.02  # at most this fraction of the plan's cost goes to probing while off
     max_interval: int = 64
-    decay: float = 0.8  # weight of older evidence per new observation
-    margin: float = 1.05  # draft only when the predicted speedup exceeds this
+    decay: float = 0.85  # weight of older evidence per new observation
+    margin: float = 1.1  # switch the draft on only when the predicted speedup exceeds this
     k: int = 0
     drafted: int = 0
     accepted: int = 0
@@ -218,7 +219,7 @@ class Speculator:
 
     @classmethod
     def for_plan(cls, runtime, plan: Plan, draft: Draft, head_cost: float | None = None,
-                 search: bool | None = None) -> "Speculator":
+                 search: bool | None = None) -> Speculator:
         """``search``: online depth search; None: when the draft is an adaptive prefix and scoring is cheap."""
         missing = sorted(set(draft.layers) - set(plan.layers))
         if missing:
@@ -267,14 +268,16 @@ class Speculator:
     def _observe(self, hits: float, misses: float) -> None:
         self.hits, self.misses = self.hits * self.decay + hits, self.misses * self.decay + misses
 
-    def probed(self, n: int, hit: float, any_hit: float | None = None) -> None:
-        """A probe at token index ``n`` accepted its token with probability ``hit`` (``any_hit``: the best of the
-        depths scored with it); maybe move the draft's depth and switch it on."""
+    def probed(self, n: int, hit: float) -> None:
+        """A probe at token index ``n`` accepted its token with probability ``hit``; maybe move the draft's depth
+        (to one scored along with it) and switch it on."""
         self.probes, self.probe_hits = self.probes + 1, self.probe_hits + hit
         self._observe(hit, 1.0 - hit)
+        moves = self.depth_moves
         self._sync_depth()
-        best = hit if any_hit is None else max(hit, any_hit)
-        self.interval = self.base_interval if best >= 0.5 else min(self.interval * 2, self.max_interval)
+        promising = hit >= 0.5 or self.depth_moves > moves  # the draft hit, or moved to a depth that did
+        # a promising probe is followed up at once (evidence for switching on); failures space probes out
+        self.interval = 1 if promising else min(max(self.interval, self.base_interval) * 2, self.max_interval)
         self.next_probe = n + self.interval
         self._decide()
 
@@ -306,7 +309,7 @@ class Speculator:
             self.off_message = (f"speculation switched off after {self.drafted} drafted tokens: acceptance "
                                 f"{alpha:.2f} with a draft costing {self.draft_cost:.1f} layer-units per token "
                                 f"against {self.plan_cost:.1f} for the plan predicts {gain:.2f}x plain decoding")
-        elif self.k or gain > self.margin:
+        elif self.k or (gain > self.margin and self.hits + self.misses >= self.min_evidence):
             self.switched_on += not self.k
             self.k = best
 
@@ -453,7 +456,7 @@ class Speculative(Strategy):
             if d != current:
                 spec.observe_depth(d, h, 1.0 - h)
         spec.plain()
-        spec.probed(state.n, hits[current], max(hits.values()))
+        spec.probed(state.n, hits[current])
         return tokens, StepStats(len(plan.layers), None)
 
     @staticmethod

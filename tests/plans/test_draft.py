@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dlexport.plans.draft import calibrate_draft, vocabulary
-from dlexport.runtime import Plan, PlanError, Runtime, Sampling, load_plan
+from dlexport.runtime import Plan, PlanError, Runtime, load_plan
 
 
 def test_vocabulary_covers_the_greedy_choices():

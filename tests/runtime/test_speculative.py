@@ -6,9 +6,9 @@ import torch
 from scipy.stats import chisquare
 
 from dlexport.exporter import export
-from dlexport.runtime import Plan, PlanError, Runtime, Sampling
 from dlexport.exporter.draft_head import subset_head
 from dlexport.files import sha256_file
+from dlexport.runtime import Plan, PlanError, Runtime, Sampling
 from dlexport.runtime.plan import Draft, DraftHeadRef
 from dlexport.runtime.sampling import probabilities
 from dlexport.runtime.speculative import Speculator, accept, expected_speedup
@@ -64,8 +64,8 @@ def test_best_case_model_accepts_almost_every_draft(quiet_runtime):
     spec = rt.generate(prompts, 32, plan, stop_tokens=[], strategy="speculative", draft=Draft((0,), 4, True))
     assert spec.tokens == plain.tokens
     assert spec.extra["acceptance_rate"] > 0.9 and not spec.extra["switched_off"]
-    assert spec.extra["switched_on"] == 1 and spec.extra["probes"] == 1  # the first (shadow) probe turns it on
-    assert spec.mean_layers < 0.6 * len(plan.layers)  # 1 draft layer x 4 + 4 verify layers per ~5 tokens
+    assert spec.extra["switched_on"] == 1 and spec.extra["probes"] == 4  # shadow probes until 3 (decayed) agree
+    assert spec.mean_layers < 0.6 * len(plan.layers), spec.extra  # 1 draft layer x 4 + 4 verify layers per ~5 tokens
 
 
 def test_adaptive_stays_off_and_probes_at_a_bounded_rate(tiny_opt_export):
@@ -76,7 +76,7 @@ def test_adaptive_stays_off_and_probes_at_a_bounded_rate(tiny_opt_export):
     plain = rt.generate(prompts, 48, plan, stop_tokens=[])
     spec = rt.generate(prompts, 48, plan, stop_tokens=[], strategy="speculative", draft=Draft((0, 1, 2), 4, True))
     assert spec.tokens == plain.tokens
-    assert spec.extra["probe_acceptance"] < 0.3 and spec.extra["final_k"] == 0
+    assert spec.extra["probe_acceptance"] < 0.5 and spec.extra["final_k"] == 0, spec.extra
     assert 3 <= spec.extra["probes"] <= 8  # at tokens 0, 2, 6, 14, 30: a handful of probes in 48 tokens
     fixed = rt.generate(prompts, 48, plan, stop_tokens=[], strategy="speculative", draft=Draft((0, 1, 2), 4, False))
     assert fixed.extra["probes"] == 0 and fixed.extra["drafted"] > 40
@@ -98,11 +98,16 @@ def test_probe_policy_backs_off_and_switches_on_and_off():
         due.append(n)
         spec.probed(n, 0.0)
     assert due == [0, 2, 6, 14, 30, 62] and not spec.k and not spec.probe_due(n + 1)
+    for _ in range(2):
+        spec.probed(spec.next_probe, 1.0)
+    assert not spec.k  # two hits do not yet outweigh the (decayed) misses by the margin
     spec.probed(spec.next_probe, 1.0)
-    spec.probed(spec.next_probe, 1.0)  # two hits outweigh the (decayed) misses
     assert spec.k > 0 and spec.switched_on == 1 and spec.interval == 1
-    for _ in range(3):
+    for rounds in range(1, 9):
         spec.update(100, spec.k, 0)  # rounds whose drafts are all rejected switch it off again
+        if not spec.k:
+            break
+    assert rounds <= 5
     assert spec.k == 0 and spec.switched_off == 1 and "switched off" in spec.off_message
     assert spec.next_probe > 100
     skip = Speculator((0, 2), 1, 4, True, draft_cost=3.0, plan_cost=10.0, plan_layers=8, probe_cost=3.0)
@@ -117,15 +122,16 @@ def test_depth_search_moves_the_draft_to_the_depth_that_pays():
     spec = Speculator((0,), 1, 4, True, draft_cost=1.05, plan_cost=9.0, plan_layers=8, probe_cost=0.05,
                       head_cost=0.05, prefix_costs=costs, candidates=(1, 2, 4, 6), plan_order=tuple(range(8)))
     assert spec.base_interval == 1
-    seen = set()
-    for n in range(6):
+    seen, n = set(), 0
+    while not spec.depth_moves and n < 8:
         seen |= set(spec.scored_depths())
         spec.observe_depth(6, 1.0, 0.0)  # a deep prefix that always agrees; the current one never does
-        spec.probed(n, 0.0, 1.0)
-    assert {2, 4, 6} <= seen
+        spec.probed(n, 0.0)
+        n += 1
+    assert {2, 4, 6} <= seen and n == 4  # once depth 6 has 3 (decayed) observations: 1 + .85 + .72 + .61
     assert spec.layers == tuple(range(6)) and spec.shared == 6 and spec.depth_moves == 1
     assert spec.draft_cost == pytest.approx(3.05) and spec.k > 0  # and the draft switched on there
-    assert spec.interval == 1  # a depth hit keeps probing often
+    assert spec.interval == 1  # moving to a depth that hits keeps probing often
 
 
 def test_expected_speedup():
