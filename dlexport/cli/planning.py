@@ -50,6 +50,20 @@ def register(sub) -> None:
     _text_args(p)
     p.set_defaults(func=_calibrate_exit, resumable=True)
 
+    p = plan.add_parser("calibrate-draft", help="self-speculative draft layers and a cheap draft head (the exit "
+                                               "head over the vocabulary that covers the model's greedy choices)")
+    p.add_argument("dir", type=Path, help="export folder")
+    p.add_argument("--coverage", type=float, default=0.99, help="share of the full model's greedy choices on the "
+                                                                "calibration text the draft head's vocabulary covers")
+    p.add_argument("--k", type=int, default=4, help="most tokens drafted per round")
+    p.add_argument("--budget-s", type=float, default=120.0, help="seconds for the skip-set search (prefixes are "
+                                                                 "always scored)")
+    p.add_argument("--search-seqs", type=int, default=2, help="calibration sequences each skip set is scored on")
+    p.add_argument("-o", "--out", type=Path, required=True, help="plan.json to write (the head goes to draft/ next "
+                                                                 "to it)")
+    _text_args(p, calib=32)
+    p.set_defaults(func=_calibrate_draft)
+
     p = sub.add_parser("analyze", help="report what skip plans, early exit and per-sequence depth buy on a model")
     p.add_argument("dir", type=Path, help="export folder")
     p.add_argument("--plan", type=Path, help="a plan with a ladder from `plan calibrate` on this model, reused "
@@ -75,6 +89,14 @@ def _calibrate_exit(args) -> int:
     calibrate_exit(args.dir, args.out, target_agreement=args.target_agreement, text=_text(args),
                    adapters=args.adapters, adapter_seqs=args.adapter_seqs, profile=args.profile,
                    head_cost=args.head_cost, progress=not args.no_progress)
+    return 0
+
+
+def _calibrate_draft(args) -> int:
+    from ..plans.draft import calibrate_draft
+
+    calibrate_draft(args.dir, args.out, coverage=args.coverage, k=args.k, budget_s=args.budget_s, text=_text(args),
+                    search_seqs=args.search_seqs, progress=not args.no_progress)
     return 0
 
 

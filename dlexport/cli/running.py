@@ -75,13 +75,17 @@ def _layer_list(text: str) -> tuple[int, ...]:
 
 def _strategy_options(args, plan) -> dict:
     if args.strategy == "speculative":
+        from dataclasses import replace
+
         from ..runtime.plan import Draft
 
         base = plan.draft if plan is not None else None
         layers = args.draft_layers or (base.layers if base else None)
         k = args.draft_k if args.draft_k is not None else (base.k if base else 4)
         adaptive = (base.adaptive if base else True) and not args.no_adaptive
-        return {"draft": Draft(layers, k, adaptive) if layers else None}
+        if not layers:
+            return {"draft": None}
+        return {"draft": replace(base, layers=layers, k=k, adaptive=adaptive) if base else Draft(layers, k, adaptive)}
     if args.strategy == "per-sequence":
         return {"controller": args.controller, "rung": args.rung, "threshold": args.threshold}
     return {}

@@ -63,10 +63,30 @@ class ExitPolicy:
 
 
 @dataclass(frozen=True)
+class DraftHeadRef:
+    """A cheap draft head: the exit head over a calibrated vocabulary subset (ONNX, hidden -> subset logits)."""
+
+    file: str  # relative to the plan's folder
+    sha256: str
+    tokens: int  # size of the subset (its token ids are in the file's metadata)
+
+
+@dataclass(frozen=True)
 class Draft:
     layers: tuple[int, ...]
     k: int = 4
     adaptive: bool = True
+    head: DraftHeadRef | None = None
+    folder: str = field(default="", compare=False)  # where the head file resolves; set by load_plan
+
+    def head_path(self) -> Path | None:
+        return None if self.head is None else (Path(self.folder or ".").resolve() / self.head.file).resolve()
+
+    def to_json(self) -> dict:
+        d = {"layers": list(self.layers), "k": self.k, "adaptive": self.adaptive}
+        if self.head:
+            d["head"] = {"file": self.head.file, "sha256": self.head.sha256, "tokens": self.head.tokens}
+        return d
 
     def __post_init__(self):
         try:
@@ -110,7 +130,7 @@ class Plan:
         if self.ladder:
             d["ladder"] = [list(r) for r in self.ladder]
         if self.draft:
-            d["draft"] = {"layers": list(self.draft.layers), "k": self.draft.k, "adaptive": self.draft.adaptive}
+            d["draft"] = self.draft.to_json()
         if self.calibration:
             d["calibration"] = self.calibration
         return d
@@ -135,7 +155,8 @@ class Plan:
             fingerprint=m["fingerprint"], num_layers=num_layers,
             layers=tuple(data.get("layers", range(num_layers))), exit=exit_policy,
             ladder=tuple(tuple(r) for r in data.get("ladder", ())),
-            draft=Draft(tuple(dr["layers"]), dr.get("k", 4), dr.get("adaptive", True)) if dr else None,
+            draft=Draft(tuple(dr["layers"]), dr.get("k", 4), dr.get("adaptive", True),
+                        DraftHeadRef(**dr["head"]) if "head" in dr else None) if dr else None,
             name=data.get("name", ""), source=m.get("source", ""), calibration=data.get("calibration", {}),
         )
         plan.check(where)
@@ -211,6 +232,13 @@ class Plan:
                 raise PlanError(f"{where}: 'draft' must be a Draft, got {type(self.draft).__name__}")
             if not _layers(self.draft.layers, n, f"{where}: 'draft.layers'"):
                 raise PlanError(f"{where}: 'draft.layers' is empty; a draft runs at least one layer")
+            h = self.draft.head
+            if h is not None:
+                if not isinstance(h, DraftHeadRef):
+                    raise PlanError(f"{where}: 'draft.head' must be a DraftHeadRef, got {type(h).__name__}")
+                checks.text(h.file, f"{where}: 'draft.head.file'", MAX_TEXT)
+                checks.text(h.sha256, f"{where}: 'draft.head.sha256'", 64)
+                checks.integer(h.tokens, f"{where}: 'draft.head.tokens'", 1, None)
 
     def check_model(self, manifest, where: str = "plan") -> None:
         """Refuse a plan made for another model (by fingerprint) or another depth."""
@@ -294,7 +322,22 @@ def load_plan(path: Path | str, manifest=None) -> Plan:
     if plan.exit and plan.exit.adapters:
         plan = replace(plan, exit=replace(plan.exit, folder=str(path.resolve().parent)))
         check_adapters(plan.exit, str(path))
+    if plan.draft and plan.draft.head:
+        plan = replace(plan, draft=replace(plan.draft, folder=str(path.resolve().parent)))
+        check_draft_head(plan.draft, str(path))
     return plan
+
+
+def check_draft_head(d: Draft, where: str = "plan") -> None:
+    """Refuse a draft head file that is missing, outside the plan's folder (also through a symlink) or altered."""
+    from ..files import sha256_file
+
+    folder = Path(d.folder or ".").resolve()
+    p = (folder / d.head.file).resolve()
+    if not (p.is_relative_to(folder) and p.is_file() and sha256_file(p) == d.head.sha256):
+        raise PlanError(f"{where}: draft head {echo(d.head.file)} is missing, outside the plan's folder, or does not "
+                        "match the sha256 in the plan: keep the plan together with its draft/ folder, or re-run "
+                        "`dlexport plan calibrate-draft`")
 
 
 def check_adapters(e: ExitPolicy, where: str = "plan") -> None:

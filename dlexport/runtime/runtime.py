@@ -323,4 +323,4 @@ def _strategy(name: str, runtime: Runtime, plan: Plan, sampling: Sampling, optio
     return PerSequence(runtime, plan, sampling, **options)
 
 
-_OPTIONS = {"speculative": {"draft"}, "per-sequence": {"controller", "rung", "threshold"}}
+_OPTIONS = {"speculative": {"draft", "search"}, "per-sequence": {"controller", "rung", "threshold"}}

@@ -6,10 +6,12 @@ import torch
 from scipy.stats import chisquare
 
 from dlexport.exporter import export
+from dlexport.exporter.draft_head import subset_head
+from dlexport.files import sha256_file
 from dlexport.runtime import Plan, PlanError, Runtime, Sampling
-from dlexport.runtime.plan import Draft
+from dlexport.runtime.plan import Draft, DraftHeadRef
 from dlexport.runtime.sampling import probabilities
-from dlexport.runtime.speculative import accept, expected_speedup
+from dlexport.runtime.speculative import Speculator, accept, expected_speedup
 
 
 def _prompts(vocab: int, lengths=(9, 5), seed=0):
@@ -39,7 +41,8 @@ def test_greedy_equals_plain_greedy(tiny_runtime, draft, batch):
     for k, adaptive in [(1, False), (3, False), (4, True)]:
         spec = rt.generate(prompts, 24, plan, stop_tokens=[], strategy="speculative", draft=Draft(draft, k, adaptive))
         assert spec.tokens == plain.tokens, (draft, k, adaptive)
-        assert spec.extra["strategy"] == "speculative" and spec.extra["drafted"] > 0
+        assert spec.extra["strategy"] == "speculative"
+        assert spec.extra["probes"] > 0 if adaptive else spec.extra["drafted"] > 0
 
 
 def test_greedy_with_a_skip_plan_and_stop_tokens(tiny_runtime):
@@ -61,20 +64,74 @@ def test_best_case_model_accepts_almost_every_draft(quiet_runtime):
     spec = rt.generate(prompts, 32, plan, stop_tokens=[], strategy="speculative", draft=Draft((0,), 4, True))
     assert spec.tokens == plain.tokens
     assert spec.extra["acceptance_rate"] > 0.9 and not spec.extra["switched_off"]
-    assert spec.mean_layers < 0.6 * len(plan.layers)  # 1 draft layer x 4 + 4 verify layers per ~5 tokens
+    assert spec.extra["switched_on"] == 1 and spec.extra["probes"] == 4  # shadow probes until 3 (decayed) agree
+    assert spec.mean_layers < 0.6 * len(plan.layers), spec.extra  # 1 draft layer x 4 + 4 verify layers per ~5 tokens
 
 
-def test_adaptive_switches_off_when_drafts_are_rejected(tiny_opt_export):
+def test_adaptive_stays_off_and_probes_at_a_bounded_rate(tiny_opt_export):
+    """Drafts that fail: plain steps (sampling draws exactly plain's random numbers), probes ever more rarely."""
     rt = Runtime.load(tiny_opt_export.folder)
     prompts = _prompts(rt.manifest.arch["vocab_size"])[:1]
     plan = Plan.full(rt.manifest)
     plain = rt.generate(prompts, 48, plan, stop_tokens=[])
     spec = rt.generate(prompts, 48, plan, stop_tokens=[], strategy="speculative", draft=Draft((0, 1, 2), 4, True))
     assert spec.tokens == plain.tokens
-    assert spec.extra["acceptance_rate"] < 0.3
-    assert "switched off" in spec.extra["switched_off"] and spec.extra["final_k"] == 0
+    assert spec.extra["probe_acceptance"] < 0.5 and spec.extra["final_k"] == 0, spec.extra
+    assert 3 <= spec.extra["probes"] <= 8  # at tokens 0, 2, 6, 14, 30: a handful of probes in 48 tokens
     fixed = rt.generate(prompts, 48, plan, stop_tokens=[], strategy="speculative", draft=Draft((0, 1, 2), 4, False))
-    assert fixed.extra["switched_off"] == "" and fixed.extra["drafted"] > spec.extra["drafted"]
+    assert fixed.extra["probes"] == 0 and fixed.extra["drafted"] > 40
+    sampling = Sampling(temperature=1.0, seed=3)
+    plain = rt.generate(prompts * 2, 48, plan, stop_tokens=[], sampling=sampling)
+    spec = rt.generate(prompts * 2, 48, plan, stop_tokens=[], sampling=sampling, strategy="speculative",
+                       draft=Draft((0, 1, 2), 4, True))
+    assert spec.extra["probes"] >= 1 and not spec.extra["drafted"], spec.extra
+    assert spec.tokens == plain.tokens  # never switched on: the very same tokens as plain sampling
+
+
+def test_probe_policy_backs_off_and_switches_on_and_off():
+    spec = Speculator((0, 1), 2, 4, True, draft_cost=3.0, plan_cost=10.0, plan_layers=8, probe_cost=0.2,
+                      overhead=0.0, verify_extra=0.0)
+    assert spec.interval == 1 and spec.k == 0 and spec.probe_due(0)
+    n, due = 0, []
+    for _ in range(6):  # failed probes: the interval doubles up to the cap
+        n = spec.next_probe
+        due.append(n)
+        spec.probed(n, 0.0)
+    assert due == [0, 2, 6, 14, 30, 62] and not spec.k and not spec.probe_due(n + 1)
+    for _ in range(2):
+        spec.probed(spec.next_probe, 1.0)
+    assert not spec.k  # two hits do not yet outweigh the (decayed) misses by the margin
+    spec.probed(spec.next_probe, 1.0)
+    assert spec.k > 0 and spec.switched_on == 1 and spec.interval == 1
+    for rounds in range(1, 9):
+        spec.update(100, spec.k, 0)  # rounds whose drafts are all rejected switch it off again
+        if not spec.k:
+            break
+    assert rounds <= 5
+    assert spec.k == 0 and spec.switched_off == 1 and "switched off" in spec.off_message
+    assert spec.next_probe > 100
+    skip = Speculator((0, 2), 1, 4, True, draft_cost=3.0, plan_cost=10.0, plan_layers=8, probe_cost=3.0)
+    assert not skip.shadow and skip.interval == 15  # a real one-token probe costs 3 units: at most 2% of 10 per token
+    assert skip.next_k(0, 10) == 1 and skip.next_k(0, 1) == 0  # a probe round, unless one token is left
+    skip.update(0, 1, 0)  # its draft was rejected
+    assert skip.next_k(1, 10) == 0 and skip.next_probe == 30 and skip.probes == 1
+
+
+def test_depth_search_moves_the_draft_to_the_depth_that_pays():
+    costs = tuple(0.5 * d for d in range(9))  # prefix d of an 8-layer plan costs d/2 layer-units
+    spec = Speculator((0,), 1, 4, True, draft_cost=1.05, plan_cost=9.0, plan_layers=8, probe_cost=0.05,
+                      head_cost=0.05, prefix_costs=costs, candidates=(1, 2, 4, 6), plan_order=tuple(range(8)))
+    assert spec.base_interval == 1
+    seen, n = set(), 0
+    while not spec.depth_moves and n < 8:
+        seen |= set(spec.scored_depths())
+        spec.observe_depth(6, 1.0, 0.0)  # a deep prefix that always agrees; the current one never does
+        spec.probed(n, 0.0)
+        n += 1
+    assert {2, 4, 6} <= seen and n == 4  # once depth 6 has 3 (decayed) observations: 1 + .85 + .72 + .61
+    assert spec.layers == tuple(range(6)) and spec.shared == 6 and spec.depth_moves == 1
+    assert spec.draft_cost == pytest.approx(3.05) and spec.k > 0  # and the draft switched on there
+    assert spec.interval == 1  # moving to a depth that hits keeps probing often
 
 
 def test_expected_speedup():
@@ -120,7 +177,35 @@ def test_accept_sampling_reproduces_the_target_distribution():
     assert chisquare(wrong.numpy(), (p0 * n).double().numpy()).pvalue < 1e-6
 
 
-def test_speculative_sampling_matches_the_models_distribution(tiny_llama_export, tiny_llama_model):
+def _subset_draft(rt, export, folder, layers, k, adaptive, keep: float = 0.5, seed: int = 0) -> Draft:
+    """A draft with a cheap head over a random half of the vocabulary (so q is zero on the other half)."""
+    vocab = rt.manifest.arch["vocab_size"]
+    ids = torch.randperm(vocab, generator=torch.Generator().manual_seed(seed))[:int(vocab * keep)].tolist()
+    subset_head(export.folder / "head.onnx", ids, folder / "head_subset.onnx")
+    return Draft(layers, k, adaptive, DraftHeadRef("head_subset.onnx", sha256_file(folder / "head_subset.onnx"),
+                                                   len(ids)), str(folder))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_subset_draft_head_greedy_equals_plain_greedy(tiny_runtime, request, batch, tmp_path):
+    rt = tiny_runtime
+    export = request.getfixturevalue(request.node.callspec.params["tiny_runtime"])
+    prompts = _prompts(rt.manifest.arch["vocab_size"])[:batch]
+    plan = Plan.full(rt.manifest)
+    plain = rt.generate(prompts, 24, plan, stop_tokens=[])
+    for layers, adaptive, search in [((0, 1), False, None), ((0, 2), False, None), ((0, 1), True, False),
+                                     ((0, 1), True, True)]:
+        draft = _subset_draft(rt, export, tmp_path, layers, 3, adaptive)
+        spec = rt.generate(prompts, 24, plan, stop_tokens=[], strategy="speculative", draft=draft, search=search)
+        assert spec.tokens == plain.tokens, (layers, adaptive, search)
+    assert spec.extra["depths_scored"]  # the online depth search ran
+    assert spec.extra["draft_cost"] < Speculator.for_plan(rt, plan, Draft(layers)).draft_cost  # it is cheaper
+
+
+@pytest.mark.parametrize("head", ["full-head", "subset-head"])
+@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
+def test_speculative_sampling_matches_the_models_distribution(tiny_llama_export, tiny_llama_model, adaptive, head,
+                                                              tmp_path):
     """Joint frequencies of the first 3 sampled tokens (top-k 3) against the exact distribution from PyTorch."""
     rt = Runtime.load(tiny_llama_export.folder)
     sampling = Sampling(temperature=1.0, top_k=3)
@@ -142,11 +227,13 @@ def test_speculative_sampling_matches_the_models_distribution(tiny_llama_export,
                 exact[(a, b, c)] = (p1[a] * p2[b] * p3[c]).item()
     rows, runs = 400, 5
     counts = dict.fromkeys(exact, 0)
+    draft = (_subset_draft(rt, tiny_llama_export, tmp_path, (0, 1), 2, adaptive) if head == "subset-head"
+             else Draft((0, 1), 2, adaptive))
     drafted = 0
     for seed in range(runs):
         gen = rt.generate([prompt] * rows, 3, Plan.full(rt.manifest), stop_tokens=[], strategy="speculative",
-                          draft=Draft((0, 1), 2, False), sampling=Sampling(1.0, 3, seed=seed))
-        drafted += gen.extra["drafted"]
+                          draft=draft, sampling=Sampling(1.0, 3, seed=seed), search=adaptive or None)
+        drafted += gen.extra["drafted"] + gen.extra["probes"]
         for row in gen.tokens:
             counts[tuple(row)] += 1
     assert drafted > 0

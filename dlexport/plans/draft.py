@@ -1,0 +1,206 @@
+"""`plan calibrate-draft`: a self-speculative draft chosen offline, with its cheap draft head.
+
+1. Vocabulary: the tokens that cover ``coverage`` of the full model's greedy choices on the calibration text; the
+   exit head cut to them (exporter/draft_head.py) is the draft head, checked against the full head on the subset.
+2. Draft layers (Draft & Verify style, bounded time): every prefix of the layers is scored exactly (a prefix draft
+   sees the very hidden states the full model computes, so its teacher-forced agreement with the full model's
+   greedy token is its acceptance), then greedy removal of single layers from the full stack, scored by the same
+   agreement of the remaining layers run alone (an estimate: online, skipped layers' key/values come from
+   verification), until ``budget_s`` is spent. Each set is scored by ``expected_speedup`` at its acceptance with
+   the best draft length, in layer costs from the exported weight sizes plus the per-call overheads the runtime
+   uses; the best set wins. The runtime's online depth search moves a prefix draft from this starting point.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..checks import integer, number
+from ..files import OwnedFolder, check_replaceable, sha256_file
+from ..runtime.plan import FORMAT as PLAN_FORMAT
+from ..runtime.plan import Draft, DraftHeadRef, Plan
+from ..runtime.speculative import (
+    DRAFT_OVERHEAD,
+    VERIFY_EXTRA,
+    expected_speedup,
+    subgraph_costs,
+)
+from .calibrate import TextConfig, open_export
+from .text import load_splits
+
+HEAD_FILE = "draft/head_subset.onnx"
+
+
+def vocabulary(top1: torch.Tensor, coverage: float) -> torch.Tensor:
+    """Sorted token ids: the most frequent greedy choices until they cover ``coverage`` of ``top1``."""
+    counts = torch.bincount(top1.reshape(-1))
+    order = torch.argsort(counts, descending=True, stable=True)
+    covered = counts[order].cumsum(0).double() / top1.numel()
+    size = int(torch.searchsorted(covered, torch.tensor(coverage, dtype=covered.dtype))) + 1
+    return torch.sort(order[:min(size, int((counts > 0).sum()))]).values
+
+
+class _Scorer:
+    """Agreement of a draft's subset-head token with the full model's greedy token, per position."""
+
+    def __init__(self, stack, vocab: torch.Tensor):
+        self.stack, self.vocab = stack, vocab
+        self.weight = stack.lm_weight()[vocab]
+        self.cap = getattr(stack.head_module, "cap", None)
+
+    @torch.inference_mode()
+    def top1(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.stack.pre_logits(hidden) @ self.weight.T
+        return self.vocab[(self.cap(logits) if self.cap else logits).argmax(-1)]
+
+    def agreement(self, hidden: torch.Tensor, ref: torch.Tensor) -> float:
+        return float((self.top1(hidden) == ref).double().mean())
+
+
+def calibrate_draft(export_dir, out, *, coverage: float = 0.99, k: int = 4, budget_s: float = 120.0,
+                    text: TextConfig = TextConfig(calib_seqs=32), search_seqs: int = 2, loaded=None,
+                    progress: bool = True, log=print) -> Plan:
+    t0 = time.perf_counter()
+    out = Path(out)
+    number(coverage, "--coverage", 0.0, 1.0, lo_open=True)
+    integer(k, "--k", 1, 32)
+    number(budget_s, "--budget-s", 0.0, None)
+    integer(search_seqs, "--search-seqs", 1, text.calib_seqs)
+    check_replaceable(out, PLAN_FORMAT, "-o")
+    o = open_export(export_dir, loaded)
+    stack, n = o.stack, o.stack.num_layers
+    splits = load_splits(o.tokenizer, text.sizes(), text.seq_len, text.data or None, text.seed, o.tokenizer_name)
+    ids, held_ids = splits["calibration"], splits["evaluation"]
+    layer_cost, head_cost_full = subgraph_costs(o.manifest)
+    plan_cost = sum(layer_cost.values()) + head_cost_full
+
+    def hidden_states(seqs):
+        emb, extras = stack.embed(seqs)
+        h, out_ = emb, []
+        for i in range(n):
+            h = stack.layer(i, h, extras)
+            out_.append(h)
+        return emb, extras, out_
+
+    with torch.inference_mode():
+        emb, extras, hs = hidden_states(ids)
+        ref = stack.top1(hs[-1])
+    vocab = vocabulary(ref, coverage)
+    scorer = _Scorer(stack, vocab)
+    head_cost = head_cost_full * vocab.numel() / o.manifest.arch["vocab_size"]
+
+    def score(layers, alpha):
+        cost = sum(layer_cost[i] for i in layers) + head_cost
+        gain = {m: expected_speedup(m, alpha, cost, plan_cost, DRAFT_OVERHEAD, VERIFY_EXTRA) for m in range(1, k + 1)}
+        best = max(gain, key=gain.get)
+        return gain[best], best
+
+    candidates = {}
+    for depth in range(1, n):  # prefixes: exact acceptance
+        layers = tuple(range(depth))
+        alpha = scorer.agreement(hs[depth - 1], ref)
+        candidates[layers] = {"kind": "prefix", "acceptance": alpha, "speedup": score(layers, alpha)[0]}
+    steps = 0
+    current = tuple(range(n))
+    sub = slice(0, search_seqs)
+    while len(current) > 1 and time.perf_counter() - t0 < budget_s:  # greedy single-layer removal, bounded
+        best = None
+        for drop in current:
+            if time.perf_counter() - t0 >= budget_s:
+                break
+            layers = tuple(i for i in current if i != drop)
+            if layers not in candidates or candidates[layers]["kind"] != "prefix":
+                with torch.inference_mode():
+                    h = stack.run(emb[sub], {k_: v[sub] for k_, v in extras.items()}, layers)
+                alpha = scorer.agreement(h, ref[sub])
+                candidates.setdefault(layers, {"kind": "skip", "acceptance": alpha,
+                                               "speedup": score(layers, alpha)[0]})
+            if best is None or candidates[layers]["acceptance"] > candidates[best]["acceptance"]:
+                best = layers
+        if best is None:
+            break
+        current, steps = best, steps + 1
+        if progress:
+            c = candidates[best]
+            log(f"  removal step {steps}: {len(best)} layers, acceptance {c['acceptance']:.3f}, predicted "
+                f"{c['speedup']:.2f}x ({time.perf_counter() - t0:.0f} s)")
+    chosen = max(candidates, key=lambda c: candidates[c]["speedup"])
+    c = candidates[chosen]
+    _, draft_k = score(chosen, c["acceptance"])
+
+    with torch.inference_mode():  # held-out: coverage of the subset and the chosen draft's acceptance
+        h_emb, h_extras, h_hs = hidden_states(held_ids)
+        held_ref = stack.top1(h_hs[-1])
+        h_draft = h_hs[len(chosen) - 1] if c["kind"] == "prefix" else stack.run(h_emb, h_extras, chosen)
+        held_alpha = scorer.agreement(h_draft, held_ref)
+    held_coverage = float(torch.isin(held_ref, vocab).double().mean())
+
+    own = OwnedFolder.claim(out.parent / "draft", "draft head", o.manifest.fingerprint, overwrite=None,
+                            inputs=[export_dir], what="the draft folder")
+    own.add(Path(HEAD_FILE).name)
+    head_path = out.parent / HEAD_FILE
+    from ..exporter.draft_head import subset_head
+
+    subset_head(Path(export_dir) / o.manifest.subgraph("head")["files"][0]["path"], vocab.tolist(), head_path)
+    max_diff = check_draft_head(Path(export_dir), o.manifest, head_path, vocab, h_draft[:2])
+    ref_ = DraftHeadRef(HEAD_FILE, sha256_file(head_path), int(vocab.numel()))
+    calibration = {
+        "method": "draft-search", "coverage_target": coverage, "budget_s": budget_s,
+        "vocabulary": {"tokens": int(vocab.numel()), "of": o.manifest.arch["vocab_size"],
+                       "held_out_coverage": round(held_coverage, 4), "head_cost_layers": round(head_cost, 3),
+                       "full_head_cost_layers": round(head_cost_full, 3), "max_abs_diff_vs_full_head": max_diff},
+        "chosen": {"layers": list(chosen), "kind": c["kind"], "k": draft_k,
+                   "acceptance_calibration": round(c["acceptance"], 4), "acceptance_held_out": round(held_alpha, 4),
+                   "predicted_speedup": round(c["speedup"], 3),
+                   "predicted_speedup_held_out": round(score(chosen, held_alpha)[0], 3)},
+        "prefixes": {str(len(s)): round(v["acceptance"], 4) for s, v in candidates.items() if v["kind"] == "prefix"},
+        "removal_steps": steps, "skip_sets_scored": sum(v["kind"] == "skip" for v in candidates.values()),
+        "best_skip_set": _best(candidates, "skip"),
+        "text": {**splits.describe(), "sources": [str(p) for p in text.data] or "machine prose"},
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+    plan = Plan.skip(o.manifest, range(n), draft=Draft(chosen, draft_k, True, ref_),
+                     name=f"draft-{c['kind']}-{len(chosen)}of{n}", calibration=calibration)
+    plan.save(out)
+    log(f"plan {out}: draft {c['kind']} {list(chosen)} (k {draft_k}) with a {vocab.numel()}-token draft head "
+        f"(held-out coverage {held_coverage:.3f}, {head_cost:.2f} layer-units against {head_cost_full:.2f}): "
+        f"acceptance {c['acceptance']:.3f} (held-out {held_alpha:.3f}), predicted {c['speedup']:.2f}x"
+        f"{'' if c['speedup'] > 1 else ' (does not pay: the adaptive policy will keep it off)'} "
+        f"({calibration['wall_s']:.0f} s)")
+    return plan
+
+
+def _best(candidates: dict, kind: str) -> dict | None:
+    sets = [s for s, v in candidates.items() if v["kind"] == kind]
+    if not sets:
+        return None
+    s = max(sets, key=lambda c: candidates[c]["speedup"])
+    return {"layers": list(s), "acceptance": round(candidates[s]["acceptance"], 4),
+            "predicted_speedup": round(candidates[s]["speedup"], 3)}
+
+
+def check_draft_head(export_dir: Path, manifest, head_path: Path, vocab: torch.Tensor, hidden: torch.Tensor,
+                     ) -> float:
+    """Run the draft head and the export's head on the same hidden states: the subset's logits must match."""
+    from ..contract import TensorSpec
+    from ..engines.onnxruntime import OrtConfig, OrtEngine
+    from ..exporter.validate import ValidationError
+
+    sub = manifest.subgraph("head")
+    ins = [TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in sub["inputs"]]
+    outs = [TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in sub["outputs"]]
+    full = OrtEngine("head", Path(export_dir) / sub["files"][0]["path"], ins, outs, OrtConfig())
+    draft = OrtEngine("draft-head", head_path, ins, [TensorSpec("logits", outs[0].shape[:-1] + (int(vocab.numel()),),
+                                                                outs[0].dtype)], OrtConfig())
+    dtype = ins[0].dtype
+    x = hidden.to(getattr(torch, dtype)).contiguous()
+    want = full.run({"hidden_states": x})["logits"][..., vocab].float()
+    got = draft.run({"hidden_states": x})["logits"].float()
+    diff = float((got - want).abs().max())
+    tol = (1e-4 if dtype == "float32" else 1e-2) * max(1.0, float(want.abs().max()))
+    if not diff <= tol:
+        raise ValidationError(f"the draft head {head_path} differs from the full head on its tokens by {diff:.3g} "
+                              f"(tolerance {tol:.3g}): the head graph was not cut as expected; report this")
+    return round(diff, 8)
