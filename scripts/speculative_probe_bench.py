@@ -1,6 +1,6 @@
 """Issue 15: adaptive self-speculation with bounded re-probing and a cheap draft head, against plain decoding.
 
-    python scripts/speculative_probe_bench.py --export /work/exports/smollm2-inplace --plan PLAN.json \
+    python scripts/speculative_probe_bench.py --export exports/smollm2 --plan PLAN.json \
         --set prose --prompts 60 --new-tokens 16 --out benchmarks/speculative-2026-12-01
 
 Every prompt runs plain greedy decoding and each configuration, in an order that rotates per prompt (interleaved);
