@@ -6,6 +6,10 @@ from dataclasses import dataclass
 import torch
 
 from .. import checks
+from ..errors import InputError
+
+
+MIN_TEMPERATURE = 1e-6  # below it fp32 logits / temperature overflow to inf
 
 
 @dataclass(frozen=True)
@@ -18,6 +22,9 @@ class Sampling:
     def __post_init__(self):
         """Refuse settings that would silently mean something else (a negative temperature, top_p of 2, NaN)."""
         checks.number(self.temperature, "temperature", 0.0, None, fix="0 is greedy, higher values sample")
+        if 0.0 < self.temperature < MIN_TEMPERATURE:
+            raise InputError(f"temperature {self.temperature!r} is too small to sample with (logits are divided by "
+                             f"it in fp32); use 0 for greedy decoding or at least {MIN_TEMPERATURE}")
         checks.integer(self.top_k, "top_k", 0, None, fix="0 keeps every token")
         checks.number(self.top_p, "top_p", 0.0, 1.0, lo_open=True, fix="1 keeps every token")
         if self.seed is not None:
