@@ -131,12 +131,12 @@ class PerSequence(Strategy):
 
     def _prompt(self, state):
         """The first rung whose teacher-forced prompt predictions agree with the full plan's often enough."""
-        full_logits = _prompt_logits(state)
+        full_logits = state.prefill(every_position=True)
         reference, mask = full_logits.argmax(-1), state.valid
         agreement, prefill_layers = [], len(state.plan.layers)
         for r in range(len(self.rungs) - 1):
             rung = self._on_rung(state, r)
-            logits = _prompt_logits(rung)
+            logits = rung.prefill(every_position=True)
             prefill_layers += len(self.rungs[r])
             same = ((logits.argmax(-1) == reference) & mask).sum(1) / mask.sum(1)
             agreement.append(float(same.min()))
@@ -154,11 +154,3 @@ class PerSequence(Strategy):
                       top)
         state = self._on_rung(state, chosen) if chosen < top else state
         return state, state.prefill(), {"rung": chosen, "tried": chosen + 2 if chosen < top else len(self.rungs)}
-
-
-def _prompt_logits(state: DecodeState) -> torch.Tensor:
-    """Prefill the state's cache and return the logits at every prompt position [B, T, V]."""
-    state.cache.new_step()
-    seg = state.embed(state.ids, state.positions(0, state.ids.shape[1]))
-    state.run_layers(seg, state.plan.layers)
-    return state.logits(seg.hidden)

@@ -119,12 +119,13 @@ class DecodeState:
         """[B, V] at an exit after ``layer``, through the plan's calibrated adapter there when it has one."""
         return self.runtime.exit_head(layer, hidden_last, self.plan.exit, self.timings)
 
-    def prefill(self) -> torch.Tensor:
-        """Run the whole prompt through the plan; return the last position's logits [B, V]."""
+    def prefill(self, every_position: bool = False) -> torch.Tensor:
+        """Run the whole prompt through the plan; return the last position's logits [B, V], or with
+        ``every_position`` the logits at every prompt position [B, T, V] (teacher-forced predictions)."""
         self.cache.new_step()
         seg = self.embed(self.ids, self.positions(0, self.ids.shape[1]))
         self.run_layers(seg, self.plan.layers)
-        return self.logits(seg.hidden[:, -1:])[:, -1]
+        return self.logits(seg.hidden) if every_position else self.logits(seg.hidden[:, -1:])[:, -1]
 
     # -- positions, emitted tokens and stops -----------------------------------------------------------------------
     def positions(self, slot: int, tokens: int = 1) -> torch.Tensor:
