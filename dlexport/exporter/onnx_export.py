@@ -16,6 +16,7 @@ from ..files import Journal, OwnedFolder, is_whole, read_json, sha256_file
 from ..manifest import FORMAT, FORMAT_VERSION, MANIFEST, Manifest, layer_name, model_fingerprint
 from .architectures import Architecture, TensorSpec, architecture_for
 from ..contract import KV_FLAVOURS, PAST_LENGTH
+from .fusions import fuse_standard_ops
 from .kv_inplace import inplace_io, make_inplace
 from .sources import LoadedModel, load_model
 
@@ -161,7 +162,8 @@ def export_subgraph(arch: Architecture, sub: Subgraph, path: Path, opset: int,
     """Trace ``sub`` (a layer: reuse a trace of its structure from ``traces``), optimise it as torch.onnx.export does
     (constant folding), name its I/O and save it (inline below the 2 GB protobuf limit, external data above).
 
-    An in-place layer (kv_inplace.py) is traced with the portable I/O and rewritten after saving."""
+    An in-place layer (kv_inplace.py) is traced with the portable I/O, given opset 23's fused RMSNormalization and
+    RotaryEmbedding (fusions.py) and rewritten after saving."""
     inplace = any(s.name == PAST_LENGTH for s in sub.inputs)
     if inplace:
         sub = Subgraph(sub.name, sub.file, sub.module, *arch.layer_io(sub.index), index=sub.index)
@@ -169,6 +171,8 @@ def export_subgraph(arch: Architecture, sub: Subgraph, path: Path, opset: int,
     program = torch.onnx.ONNXProgram(model, None)
     program.optimize()
     _name_io(program.model, sub)
+    if inplace:
+        fuse_standard_ops(program.model)
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path), external_data=None)
     if inplace:

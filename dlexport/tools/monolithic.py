@@ -3,7 +3,9 @@
 Inputs ``input_ids``, ``position_ids``, ``attention_mask`` (plus ``sliding_attention_mask`` for the sliding-window
 layers, where there are any) and every layer's ``past_key_values.N.key/value`` (the
 whole preallocated buffer); outputs the last position's ``logits`` and every layer's ``present.N.key/value`` (new
-tokens only). Its loop is deliberately minimal (one engine call per token, greedy), so the benchmark can tell what
+tokens only). It gets the per-layer in-place graphs' opset-23 fusions (RMSNormalization, RotaryEmbedding:
+``exporter/fusions.py``), so that stitching is compared with the best single graph of the same ops. Its loop is
+deliberately minimal (one engine call per token, greedy), so the benchmark can tell what
 stitching per-layer engines costs against a single graph in the same runtime (ONNX Runtime, same threads).
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ..engines.base import TORCH_DTYPES
 from ..exporter.architectures import (TensorSpec, architecture_for, past_key_name, past_value_name,
                                       present_key_name, present_value_name)
 from ..exporter.architectures.base import BATCH, KEYS, PAST, TOKENS
+from ..exporter.fusions import FUSED_OPSET, fuse_standard_ops
 from ..exporter.onnx_export import DEFAULT_OPSET, Subgraph, example_inputs
 from ..files import OwnedFolder, read_json, write_json_atomic
 from ..manifest import Manifest
@@ -98,12 +101,14 @@ def export_monolithic(model: nn.Module, out: Path | str, fingerprint: str, *, op
                                     dynamic_shapes=(shapes[0], shapes[1], shapes[2], tuple(shapes[3:])),
                                     input_names=[s.name for s in inputs], output_names=[s.name for s in outputs],
                                     opset_version=opset, verbose=False)
+    fuse_standard_ops(program.model)
     graph = program.model.graph
     for value, spec in zip(list(graph.inputs) + list(graph.outputs), inputs + outputs):
         value.shape = ir.Shape([ir.SymbolicDim(d) if isinstance(d, str) else d for d in spec.shape])
     out.mkdir(parents=True, exist_ok=True)
     program.save(str(out / FILE), external_data=None)
     write_json_atomic(out / INFO, {"fingerprint": fingerprint, "dtype": arch.float_dtype(), "opset": opset,
+                                   "fused_opset": FUSED_OPSET,
                                    "inputs": [s.to_json() for s in inputs], "outputs": [s.to_json() for s in outputs]})
     return out / FILE
 
@@ -111,7 +116,7 @@ def export_monolithic(model: nn.Module, out: Path | str, fingerprint: str, *, op
 def default_dir(manifest: Manifest) -> Path:
     from ..exporter.sources import _cache_dir
 
-    return _cache_dir() / "monolithic" / f"{manifest.fingerprint}-{manifest.dtype}-opset{manifest.data['opset']}"
+    return _cache_dir() / "monolithic" / f"{manifest.fingerprint}-{manifest.dtype}-opset{manifest.data['opset']}-fused{FUSED_OPSET}"
 
 
 def ensure_monolithic(manifest: Manifest, model_factory, folder: Path | None = None, log=print) -> Path:
@@ -123,8 +128,8 @@ def ensure_monolithic(manifest: Manifest, model_factory, folder: Path | None = N
     info = folder / INFO
     if info.exists() and (folder / FILE).exists():
         data = read_json(info, "monolithic export info")
-        if (data.get("fingerprint"), data.get("dtype"), data.get("opset")) == (
-                manifest.fingerprint, manifest.dtype, manifest.data["opset"]):
+        if (data.get("fingerprint"), data.get("dtype"), data.get("opset"), data.get("fused_opset")) == (
+                manifest.fingerprint, manifest.dtype, manifest.data["opset"], FUSED_OPSET):
             return folder
     own = OwnedFolder.claim(folder, "monolithic export", [manifest.fingerprint, manifest.dtype, manifest.data["opset"]],
                             overwrite=True, inputs=[manifest.folder], what="--mono-dir")
