@@ -32,10 +32,12 @@ def device_index(device: str) -> int:
 
 
 def open_engines(folder: Path, *, backend: str = "onnxruntime", device: str = "cpu", threads: int | None = None,
-                 layers=None, opt_level: str = "all") -> tuple[Manifest, dict[str, Engine]]:
+                 layers=None, opt_level: str = "all", groups: bool = False) -> tuple[Manifest, dict[str, Engine]]:
     """Open the embedding, head and (the requested) layer engines of an export or engine folder.
 
     ``threads``: CPU threads for this process (engines/threads.py); None = the default for this machine.
+    ``groups``: an export's in-place layers also open as layer groups (onnxruntime/group.py), one per run of
+    consecutive requested layers; the single layers a group covers open on first use.
     """
     from .onnxruntime import OrtConfig, OrtEngine
 
@@ -64,12 +66,37 @@ def open_engines(folder: Path, *, backend: str = "onnxruntime", device: str = "c
     device_id = device_index(device)
     config = OrtConfig(provider=_ort_provider(device.split(":")[0]), threads=threads, opt_level=opt_level,
                        device_id=device_id)
+    grouped = []
+    if groups:
+        from .onnxruntime.group import runs
+
+        grouped = [open_group(manifest, run, config) for run in runs(manifest, layers)]
+    covered = {manifest.layer_key(i) for g in grouped if g is not None for i in g.layers}
     engines = {}
     for name in names:
         sub = manifest.subgraph(name)
         engines[name] = OrtEngine(name, manifest.path(name), [TensorSpec.from_json(s) for s in sub["inputs"]],
-                                  [TensorSpec.from_json(s) for s in sub["outputs"]], config)
+                                  [TensorSpec.from_json(s) for s in sub["outputs"]], config, lazy=name in covered)
+    engines.update((g.name, g) for g in grouped if g is not None)
     return manifest, engines
+
+
+def open_group(manifest: Manifest, layers: list[int], config) -> Engine | None:
+    """One ONNX Runtime session over ``layers`` of an export (consecutive, in-place), or None where they cannot be
+    one group (different shared inputs, or more weights than one in-memory model holds)."""
+    from .onnxruntime import OrtEngine
+    from .onnxruntime.group import MAX_BYTES, compose, group_io, group_name, groupable
+
+    io = {i: ([TensorSpec.from_json(s) for s in manifest.subgraph(manifest.layer_key(i))["inputs"]],
+              [TensorSpec.from_json(s) for s in manifest.subgraph(manifest.layer_key(i))["outputs"]]) for i in layers}
+    size = sum(f["size"] for i in layers for f in manifest.subgraph(manifest.layer_key(i))["files"])
+    windows = manifest.arch.get("layer_windows") or [None] * manifest.num_layers
+    if not groupable(layers, io, windows) or size > MAX_BYTES:
+        return None
+    engine = OrtEngine(group_name(layers), compose([manifest.path(manifest.layer_key(i)) for i in layers]),
+                       *group_io(layers, io), config)
+    engine.layers = tuple(layers)
+    return engine
 
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "Engine", "open_engines"]

@@ -25,6 +25,7 @@ class Engine(ABC):
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     device: torch.device
+    layers: tuple[int, ...] = ()  # the consecutive layers a layer-group engine runs (onnxruntime/group.py)
 
     @abstractmethod
     def run(self, feeds: dict[str, torch.Tensor], out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

@@ -3,11 +3,13 @@
 A ``Runtime`` holds only what is loaded (engines, tokenizer, the model's numbers), never a request: each request
 is a ``DecodeState`` (runtime/state.py) driven by a strategy through the one loop in runtime/decode.py, so requests
 may run concurrently on one ``Runtime`` from several threads. The per-token path is ``run_layers`` -> ``layer``: one
-engine call per layer on buffers that stay on the device.
+engine call per layer, or per layer group (a run of consecutive layers as one session, engines/onnxruntime/group.py),
+on buffers that stay on the device.
 """
 from __future__ import annotations
 
 import numbers
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,7 @@ import torch
 
 from .. import checks
 from ..contract import PAST_LENGTH, past_key_name, past_value_name, present_key_name, present_value_name
-from ..engines import open_engines
+from ..engines import open_engines, open_group
 from ..engines.base import TORCH_DTYPES, Engine
 from ..engines.threads import resolve_threads
 from ..errors import InputError, echo
@@ -61,17 +63,27 @@ class Runtime:
         self.default_plan: Plan | None = None  # an engine folder built for a plan runs that plan by default
         self.threads: int | None = None  # CPU threads the engines were opened with (engines/threads.py)
         self.kv_capacity: int | None = None  # every request's KV buffer size, where the engines fix it (TensorRT)
+        self.grouping = False  # layer groups for each request's plan are opened on its first use (export folders)
+        self._groups: dict[int, list[Engine]] = {}  # first layer -> the groups starting there, longest first
+        self._grouping_lock = threading.Lock()
+        for e in engines.values():
+            if e.layers:
+                self._add_group(e)
 
     @classmethod
     def load(cls, path: Path | str, *, backend: str = "onnxruntime", device: str = "cpu",
-             threads: int | None = None, layers=None, opt_level: str = "all") -> "Runtime":
+             threads: int | None = None, layers=None, opt_level: str = "all", groups: bool = True) -> "Runtime":
         """Load an export folder (ONNX files) or an engine folder built by ``dlexport build``.
 
         ``layers`` restricts which layer engines are loaded (a plan's layers), to save memory on small devices.
+        ``groups``: an export's in-place layers run as layer groups, each run of consecutive loaded layers one
+        session, and so do the runs of each plan a request brings (composed on its first use); False runs every
+        layer as its own session.
         """
         threads = resolve_threads(threads)
+        exported = not (Path(path) / "engines.json").exists()
         manifest, engines = open_engines(Path(path), backend=backend, device=device, threads=threads,
-                                         layers=layers, opt_level=opt_level)
+                                         layers=layers, opt_level=opt_level, groups=groups and exported)
         tokenizer = None
         tdir = manifest.tokenizer_dir()
         if tdir is not None and tdir.exists():
@@ -81,6 +93,7 @@ class Runtime:
             tokenizer.padding_side = "left"
         runtime = cls(manifest, engines, tokenizer)
         runtime.threads = threads
+        runtime.grouping = groups and exported and manifest.kv == "inplace"
         index = Path(path) / "engines.json"
         if index.exists():
             built = read_json(index, "engine folder index")
@@ -121,6 +134,8 @@ class Runtime:
         if missing:
             raise InputError(f"the plan runs layers {missing}, which this runtime did not load; load them with "
                              "Runtime.load(..., layers=None) or build engines for this plan")
+        if self.grouping:
+            self._open_groups(plan.layers)
         checks.integer(max_new_tokens, "max_new_tokens", 1, self.max_positions,
                        fix="ask for at least one new token, at most the model's context")
         if not isinstance(sampling, Sampling):
@@ -180,6 +195,23 @@ class Runtime:
             ids[b, width - len(r):] = torch.tensor(r, dtype=torch.int64)
             valid[b, width - len(r):] = True
         return ids, valid
+
+    def _open_groups(self, layers) -> None:
+        """A group for each run of consecutive ``layers`` that no group covers exactly yet (once per plan)."""
+        from ..engines.onnxruntime.group import runs
+
+        with self._grouping_lock:
+            for run in runs(self.manifest, layers):
+                if not any(list(g.layers) == run for g in self._groups.get(run[0], ())):
+                    group = open_group(self.manifest, run, self.engines["embed"].config)
+                    if group is not None:
+                        self.engines[group.name] = group
+                        self._add_group(group)
+
+    def _add_group(self, group: Engine) -> None:
+        at = self._groups.setdefault(group.layers[0], [])
+        at.append(group)
+        at.sort(key=lambda g: -len(g.layers))
 
     def check_length(self, prompt_len: int, max_new_tokens: int) -> int:
         """The KV slots a request needs, refused with the way out when the model's context is too short."""
@@ -275,19 +307,53 @@ class Runtime:
         Pending segments (earlier tokens that exited) join before the first layer they have not been through.
         """
         pending = pending if pending is not None else []
-        exits = set(exit_policy.layers) if exit_policy else ()
-        for k in range(start, len(layers)):
+        exits = set(exit_policy.layers) if exit_policy else set()
+        k = start
+        while k < len(layers):
             while pending and pending[-1].frontier < k:
                 seg.prepend(pending.pop())
-            self.layer(layers[k], seg, cache, timings)
-            seg.frontier = k
-            if layers[k] in exits and k + 1 >= exit_policy.min_depth and k + 1 < len(layers):
-                logits = self.exit_head(layers[k], seg.hidden[:, -1:], exit_policy, timings)
-                score = exit_score(logits, exit_policy, (layers[k] + 1) / self.num_layers)
+            group = self._group_at(layers, k, cache, pending, exits)
+            if group is None:
+                last = k
+                self.layer(layers[k], seg, cache, timings)
+            else:
+                last = k + len(group.layers) - 1
+                self.group(group, seg, cache, timings)
+            seg.frontier = last
+            if layers[last] in exits and last + 1 >= exit_policy.min_depth and last + 1 < len(layers):
+                logits = self.exit_head(layers[last], seg.hidden[:, -1:], exit_policy, timings)
+                score = exit_score(logits, exit_policy, (layers[last] + 1) / self.num_layers)
                 if bool((score >= exit_policy.threshold).all()):
-                    pending.append(seg.clone(frontier=k))
-                    return logits, layers[k], k + 1 - start
+                    pending.append(seg.clone(frontier=last))
+                    return logits, layers[last], last + 1 - start
+            k = last + 1
         return None, None, len(layers) - start
+
+    def _group_at(self, layers, k: int, cache: KVCache, pending: list, exits) -> Engine | None:
+        """The longest group that runs ``layers[k:]``'s next layers as they would run one by one: the same filled
+        length in each, no exit check and no pending segment joining before its last layer."""
+        for group in self._groups.get(layers[k], ()):
+            last = k + len(group.layers) - 1
+            if (tuple(layers[k:last + 1]) == group.layers and not exits.intersection(group.layers[:-1])
+                    and not (pending and pending[-1].frontier < last)
+                    and all(cache.length[i] == cache.length[layers[k]] for i in group.layers)):
+                return group
+        return None
+
+    def group(self, group: Engine, seg: Segment, cache: KVCache, timings: dict | None = None) -> None:
+        """A layer group on ``seg``'s new positions: every layer's KV buffer bound as its past and present."""
+        first = group.layers[0]
+        tokens, length = seg.hidden.shape[1], cache.length[first]
+        feeds = {"hidden_states": seg.hidden, "attention_mask": cache.filled_mask(length, tokens, self.windows[first]),
+                 PAST_LENGTH: cache.write_index(first)}
+        feeds.update((name, seg.rotary[name]) for name in self.layer_rotary[first])
+        out = {}
+        for i in group.layers:
+            past_k, past_v, present_k, present_v = self._kv_names[i]
+            feeds[past_k], feeds[past_v] = out[present_k], out[present_v] = cache.key[i], cache.value[i]
+        seg.hidden = self.call(group.name, feeds, out, timings)["hidden_states_out"]
+        for i in group.layers:
+            cache.length[i] = length + tokens
 
 
 def _token_ids(row, vocab: int, what: str) -> list[int]:

@@ -17,9 +17,15 @@ _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int
 
 
 class OrtEngine(Engine):
-    def __init__(self, name: str, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], config: OrtConfig):
-        self.name, self.path, self.inputs, self.outputs, self.config = name, Path(path), inputs, outputs, config
-        self.session = create_session(self.path, config)
+    """``model``: an ONNX file, or a serialized model (a layer group, group.py). ``lazy``: the session is created on
+    the first call (single layers a layer group also covers are opened only when a strategy runs them apart)."""
+
+    def __init__(self, name: str, model: Path | bytes, inputs: list[TensorSpec], outputs: list[TensorSpec],
+                 config: OrtConfig, *, lazy: bool = False):
+        self.name, self.inputs, self.outputs, self.config = name, inputs, outputs, config
+        self._model = model if isinstance(model, bytes) else Path(model)
+        self._session = None if lazy else create_session(self._model, config)
+        self._opening = threading.Lock()
         self.on_gpu = config.provider in ("cuda", "tensorrt")
         self.device = torch.device("cuda", config.device_id) if self.on_gpu else torch.device("cpu")
         self._output_names = [o.name for o in outputs]
@@ -29,6 +35,14 @@ class OrtEngine(Engine):
         self._free_outputs = [(o.name, [source[d] if isinstance(d, str) else d for d in o.shape], TORCH_DTYPES[o.dtype])
                               for o in outputs]
         self._local = threading.local()  # bindings and output buffers per thread: requests may run concurrently
+
+    @property
+    def session(self):
+        if self._session is None:
+            with self._opening:
+                if self._session is None:
+                    self._session = create_session(self._model, self.config)
+        return self._session
 
     def _state(self):
         """This thread's IO binding, its output buffers, and what is bound: name -> (pointer, shape)."""

@@ -1,0 +1,63 @@
+"""Layer groups: runs of consecutive in-place layers as one ONNX Runtime session give the tokens single layers give."""
+import pytest
+
+from dlexport.engines.onnxruntime import group as group_module
+from dlexport.engines.onnxruntime.group import runs
+from dlexport.runtime import Runtime
+from dlexport.runtime.plan import Draft, ExitPolicy, Plan
+
+PROMPTS = [list(range(5, 40)), list(range(60, 80))]  # a left-padded batch of two
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_llama_export):
+    return Runtime.load(tiny_llama_export.folder), Runtime.load(tiny_llama_export.folder, groups=False)
+
+
+def _groups(rt):
+    return sorted(name for name in rt.engines if name.startswith("layers_"))
+
+
+def test_full_depth_runs_as_one_group_and_leaves_the_single_layers_unopened(pair):
+    grouped, single = pair
+    assert _groups(grouped) == ["layers_00-03"] and _groups(single) == []
+    out = grouped.generate(PROMPTS, 12, stop_tokens=[], profile=True)
+    assert out.tokens == single.generate(PROMPTS, 12, stop_tokens=[]).tokens
+    assert set(out.timings_ms) == {"embed", "layers_00-03", "head"}
+    assert all(grouped.engines[f"layer_{i:02d}"]._session is None for i in range(4))
+
+
+def test_a_plans_runs_get_their_own_groups(pair):
+    grouped, single = pair
+    plan = Plan.skip(grouped.manifest, [0, 1, 3])
+    out = grouped.generate(PROMPTS, 12, plan, stop_tokens=[], profile=True)
+    assert out.tokens == single.generate(PROMPTS, 12, plan, stop_tokens=[]).tokens
+    assert "layers_00-01" in _groups(grouped) and set(out.timings_ms) == {"embed", "layers_00-01", "layer_03", "head"}
+
+
+def test_an_exit_check_inside_a_run_splits_it(pair):
+    grouped, single = pair
+    plan = Plan.skip(grouped.manifest, range(4), exit=ExitPolicy((1,), "top1_prob", 0.05, 0))
+    a, b = grouped.generate(PROMPTS[:1], 16, plan, stop_tokens=[]), single.generate(PROMPTS[:1], 16, plan, stop_tokens=[])
+    assert a.tokens == b.tokens and [s.exit_layer for s in a.steps] == [s.exit_layer for s in b.steps]
+    assert any(s.exit_layer == 1 for s in a.steps), "the threshold should let some tokens exit"
+
+
+def test_speculative_greedy_on_groups_equals_plain(pair):
+    grouped, _ = pair
+    plain = grouped.generate(PROMPTS, 16, stop_tokens=[])
+    spec = grouped.generate(PROMPTS, 16, stop_tokens=[], strategy="speculative",
+                          draft=Draft((0, 1), 3, False))
+    assert spec.tokens == plain.tokens and spec.extra["drafted"] > 0
+
+
+def test_portable_layers_are_never_grouped(tiny_llama_portable_export):
+    assert _groups(Runtime.load(tiny_llama_portable_export.folder)) == []
+
+
+def test_runs_split_at_gaps_and_at_the_size_limit(tiny_llama_export, monkeypatch):
+    assert runs(tiny_llama_export) == [[0, 1, 2, 3]]
+    assert runs(tiny_llama_export, [0, 1, 3]) == [[0, 1]]
+    size = tiny_llama_export.subgraph("layer_00")["files"][0]["size"]
+    monkeypatch.setattr(group_module, "MAX_BYTES", 2 * size)
+    assert runs(tiny_llama_export) == [[0, 1], [2, 3]]
