@@ -55,13 +55,21 @@ def groupable(layers: list[int], io: dict, windows: list) -> bool:
 
 
 def runs(manifest, layers=None) -> list[list[int]]:
-    """The maximal runs of consecutive layers among ``layers`` (all by default), two layers or more, each cut into
-    pieces whose weights one in-memory model holds."""
+    """The maximal runs of consecutive layers among ``layers`` (all by default) that take the same shared inputs
+    and sliding window (Gemma 3's local and global layers run apart), two layers or more, each cut into pieces whose
+    weights one in-memory model holds."""
     layers = list(range(manifest.num_layers)) if layers is None else list(layers)
+    windows = manifest.arch.get("layer_windows") or [None] * manifest.num_layers
+
+    def kind(i):
+        sub = manifest.subgraph(manifest.layer_key(i))
+        return windows[i], tuple(s["name"] for s in sub["inputs"] if s["name"] not in (
+            HIDDEN_IN, past_key_name(i), past_value_name(i)))
+
     size = {i: sum(f["size"] for f in manifest.subgraph(manifest.layer_key(i))["files"]) for i in layers}
     out, run, total = [], [], 0
     for i in layers:
-        if run and (i != run[-1] + 1 or total + size[i] > MAX_BYTES):
+        if run and (i != run[-1] + 1 or kind(i) != kind(run[-1]) or total + size[i] > MAX_BYTES):
             out.append(run)
             run, total = [], 0
         run.append(i)

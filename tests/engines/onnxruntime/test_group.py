@@ -61,3 +61,13 @@ def test_runs_split_at_gaps_and_at_the_size_limit(tiny_llama_export, monkeypatch
     size = tiny_llama_export.subgraph("layer_00")["files"][0]["size"]
     monkeypatch.setattr(group_module, "MAX_BYTES", 2 * size)
     assert runs(tiny_llama_export) == [[0, 1], [2, 3]]
+
+
+def test_gemma3_groups_are_its_runs_of_local_layers(family_export):
+    manifest = family_export("tiny-gemma3")
+    windows = manifest.arch["layer_windows"]
+    groups = runs(manifest)
+    assert groups and all(len({windows[i] for i in g}) == 1 for g in groups)
+    grouped, single = Runtime.load(manifest.folder), Runtime.load(manifest.folder, groups=False)
+    assert _groups(grouped) and grouped.generate(PROMPTS, 12, stop_tokens=[]).tokens == \
+        single.generate(PROMPTS, 12, stop_tokens=[]).tokens
