@@ -59,6 +59,18 @@ class _Scorer:
         return float((self.top1(hidden) == ref).double().mean())
 
 
+def choose(speedups: dict[tuple[int, ...], float]) -> tuple[int, ...]:
+    """The draft layer set to ship, from predicted speedups: the best one; but when none predicts a gain, the best
+    prefix. A draft that does not pay runs switched off, probing now and then, and only a prefix draft is probed for
+    free (a shadow probe reads the plan's own hidden state); a skip set pays a whole draft token per probe (SmolLM2:
+    a 29-layer skip set predicted 0.99x ran 0.93x adaptive, where prefix drafts run ~0.99x)."""
+    top = max(speedups, key=speedups.get)
+    if speedups[top] > 1.0:
+        return top
+    prefixes = [s for s in speedups if s == tuple(range(len(s)))]
+    return max(prefixes, key=speedups.get, default=top)
+
+
 def hidden_states(stack, ids: torch.Tensor) -> tuple[torch.Tensor, dict, list[torch.Tensor]]:
     """(embedding, rotary extras, the hidden state after every layer) of whole sequences, teacher-forced."""
     emb, extras = stack.embed(ids)
@@ -113,9 +125,10 @@ class DraftSearch:
         current, sub = tuple(range(self.n)), slice(0, search_seqs)
         extras = {k_: v[sub] for k_, v in self.extras.items()}
         while len(current) > 1 and time.perf_counter() < deadline:
-            best = None
+            best, complete = None, True
             for drop in current:
                 if time.perf_counter() >= deadline:
+                    complete = False
                     break
                 layers = tuple(i for i in current if i != drop)
                 if layers not in self.candidates:
@@ -126,7 +139,7 @@ class DraftSearch:
                                                "speedup": self.score(layers, alpha)[0]}
                 if best is None or self.candidates[layers]["acceptance"] > self.candidates[best]["acceptance"]:
                     best = layers
-            if best is None:
+            if not complete:  # a step cut short would move on from the best of a few: its sets stay candidates
                 break
             current, self.steps = best, self.steps + 1
             if progress:
@@ -135,8 +148,10 @@ class DraftSearch:
                     f"predicted {c['speedup']:.2f}x")
 
     def best(self, kind: str | None = None) -> tuple[int, ...] | None:
-        """The candidate (of ``kind``, if given) with the best predicted speedup."""
-        sets = [s for s, v in self.candidates.items() if kind is None or v["kind"] == kind]
+        """The candidate (of ``kind``, if given) with the best predicted speedup (``choose``'s rule without kind)."""
+        if kind is None:
+            return choose({s: v["speedup"] for s, v in self.candidates.items()})
+        sets = [s for s, v in self.candidates.items() if v["kind"] == kind]
         return max(sets, key=lambda s: self.candidates[s]["speedup"], default=None)
 
     @torch.inference_mode()
@@ -166,13 +181,14 @@ class DraftSearch:
 
 
 def write_draft_head(export_dir: Path, manifest, vocab: torch.Tensor, folder: Path, hidden: torch.Tensor,
-                     ) -> tuple[DraftHeadRef, float]:
-    """Cut the export's head to ``vocab`` into ``folder``/HEAD_FILE, check it on ``hidden``; (its ref, max diff)."""
+                     threads: int | None = None) -> tuple[DraftHeadRef, float]:
+    """Cut the export's head to ``vocab`` into ``folder``/HEAD_FILE, check it on ``hidden`` (ONNX Runtime with
+    ``threads``, engines/threads.py); (its ref, max diff)."""
     from ..exporter.draft_head import subset_head
 
     head_path = Path(folder) / HEAD_FILE
     subset_head(Path(export_dir) / manifest.subgraph("head")["files"][0]["path"], vocab.tolist(), head_path)
-    max_diff = check_draft_head(Path(export_dir), manifest, head_path, vocab, hidden)
+    max_diff = check_draft_head(Path(export_dir), manifest, head_path, vocab, hidden, threads)
     return DraftHeadRef(HEAD_FILE, sha256_file(head_path), int(vocab.numel())), max_diff
 
 
@@ -240,7 +256,7 @@ def _best(candidates: dict, kind: str) -> dict | None:
 
 
 def check_draft_head(export_dir: Path, manifest, head_path: Path, vocab: torch.Tensor, hidden: torch.Tensor,
-                     ) -> float:
+                     threads: int | None = None) -> float:
     """Run the draft head and the export's head on the same hidden states: the subset's logits must match."""
     from ..contract import TensorSpec
     from ..engines.onnxruntime import OrtConfig, OrtEngine
@@ -249,9 +265,10 @@ def check_draft_head(export_dir: Path, manifest, head_path: Path, vocab: torch.T
     sub = manifest.subgraph("head")
     ins = [TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in sub["inputs"]]
     outs = [TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in sub["outputs"]]
-    full = OrtEngine("head", Path(export_dir) / sub["files"][0]["path"], ins, outs, OrtConfig())
+    config = OrtConfig(threads=threads)
+    full = OrtEngine("head", Path(export_dir) / sub["files"][0]["path"], ins, outs, config)
     draft = OrtEngine("draft-head", head_path, ins, [TensorSpec("logits", outs[0].shape[:-1] + (int(vocab.numel()),),
-                                                                outs[0].dtype)], OrtConfig())
+                                                                outs[0].dtype)], config)
     dtype = ins[0].dtype
     x = hidden.to(getattr(torch, dtype)).contiguous()
     want = full.run({"hidden_states": x})["logits"][..., vocab].float()

@@ -19,7 +19,7 @@ import torch
 
 from ..runtime.plan import Draft, Plan
 from ..runtime.speculative import DRAFT_OVERHEAD, VERIFY_EXTRA
-from .draft import HEAD_FILE, DraftSearch, write_draft_head
+from .draft import HEAD_FILE, DraftSearch, choose, write_draft_head
 
 WORTHWHILE_SPEEDUP = 1.05  # below this a gain is within the cost model's (and the timer's) error
 QUOTE_START = 4  # tokens of the third copy given in a repetitive prompt; the rest is the continuation
@@ -49,7 +49,7 @@ def speculation(o, export_dir, fit_ids: torch.Tensor, held_ids: torch.Tensor, *,
     skips = sorted((s for s, v in search.candidates.items() if v["kind"] == "skip"),
                    key=lambda s: -search.candidates[s]["speedup"])[:RESCORED_SKIP_SETS]
     rep_candidates = search.rescore(rep_fit, copy, skips)
-    rep = max(rep_candidates, key=lambda s: search.score(s, rep_candidates[s])[0])
+    rep = choose({s: search.score(s, a)[0] for s, a in rep_candidates.items()})
 
     kinds, drafts, hidden = [], {}, None
     for name, layers, fit_alpha, ids, positions in (
@@ -73,7 +73,9 @@ def speculation(o, export_dir, fit_ids: torch.Tensor, held_ids: torch.Tensor, *,
                                              for s, v in search.candidates.items() if v["kind"] == "prefix"},
                    "repetitive": {"passage_tokens": passage, "copies": 3, "fit_sequences": int(rep_fit.shape[0]),
                                   "held_out_sequences": int(rep_held.shape[0]),
-                                  "candidates_scored": len(rep_candidates)}},
+                                  "candidates_scored": len(rep_candidates),
+                                  "prefix_acceptance_fit": {str(len(s)): round(a, 4) for s, a in
+                                                            rep_candidates.items() if s == tuple(range(len(s)))}}},
         "vocabulary": {"tokens": int(search.vocab.numel()), "of": o.manifest.arch["vocab_size"],
                        "coverage_target": coverage, "head_cost_layers": round(search.head_cost, 4),
                        "full_head_cost_layers": round(search.full_head_cost, 4)},
@@ -85,13 +87,17 @@ def speculation(o, export_dir, fit_ids: torch.Tensor, held_ids: torch.Tensor, *,
         prompts_by_kind = {"prose": held_ids[:prompts, :prompt_tokens],
                            "repetitive": rep_held[:prompts, :1 + 2 * passage + QUOTE_START]}
         tokens_by_kind = {"prose": new_tokens, "repetitive": min(new_tokens, passage - QUOTE_START)}
+        from ..runtime import Runtime
+
+        torch_threads = torch.get_num_threads()
+        rt = Runtime.load(export_dir, threads=threads)
+        torch.set_num_threads(torch_threads)  # loading gives torch the engines' count: the analysis keeps its own
         with tempfile.TemporaryDirectory(prefix="dlexport-draft-head-") as tmp:
             (Path(tmp) / HEAD_FILE).parent.mkdir()
-            ref_, _ = write_draft_head(Path(export_dir), o.manifest, search.vocab, Path(tmp), hidden)
+            ref_, _ = write_draft_head(Path(export_dir), o.manifest, search.vocab, Path(tmp), hidden, rt.threads)
             for row in kinds:
                 d = replace(drafts[row["text"]], head=ref_, folder=tmp)
-                row["measured"] = timed(export_dir, d, prompts_by_kind[row["text"]], tokens_by_kind[row["text"]],
-                                        threads)
+                row["measured"] = timed(rt, d, prompts_by_kind[row["text"]], tokens_by_kind[row["text"]])
         section["measured"] = {"prompts": prompts, "threads": kinds[0]["measured"]["threads"],
                                "identical": all(r["measured"]["identical"] for r in kinds)}
     section["verdict"] = verdict(section, o.stack.num_layers)
@@ -99,14 +105,9 @@ def speculation(o, export_dir, fit_ids: torch.Tensor, held_ids: torch.Tensor, *,
     return section
 
 
-def timed(export_dir, draft: Draft, prompts: torch.Tensor, new_tokens: int, threads: int | None) -> dict:
-    """One interleaved run: per prompt plain greedy, the draft at fixed k, the draft adaptive (rotating order),
-    after a warm-up of each; decode time only (the prefill is the same work for all three)."""
-    from ..runtime import Runtime
-
-    torch_threads = torch.get_num_threads()
-    rt = Runtime.load(export_dir, threads=threads)
-    torch.set_num_threads(torch_threads)  # loading applies the engines' count to torch: the analysis keeps its own
+def timed(rt, draft: Draft, prompts: torch.Tensor, new_tokens: int) -> dict:
+    """One interleaved run on the runtime ``rt``: per prompt plain greedy, the draft at fixed k, the draft adaptive
+    (rotating order), after a warm-up of each; decode time only (the prefill is the same work for all three)."""
     plan = Plan.full(rt.manifest)
     configs = {"plain": {}, "fixed": {"strategy": "speculative", "draft": draft},
                "adaptive": {"strategy": "speculative", "draft": replace(draft, adaptive=True)}}
