@@ -85,20 +85,21 @@ def analyze(export_dir, out, *, text: TextConfig = TextConfig(), ladder_plan=Non
     splits = load_splits(o.tokenizer, text.sizes(adapter=adapter_seqs), text.seq_len, text.data or None, text.seed,
                          o.tokenizer_name)
     evals = splits["evaluation"]
+    report = {
+        "model": {"source": o.manifest.data.get("source"), "fingerprint": o.manifest.fingerprint, "layers": n},
+        "text": {**splits.describe(), "sources": [str(p) for p in text.data] or "machine prose"},
+        "costs": costs.to_json(), "cost_note": cost_note,
+    }
+    if only is None:
+        ladder, ladder_info = _ladder(o, splits, ladder_plan, out, progress)
     fit = torch.cat([splits["calibration"], splits["adapter"]])[:draft_seqs]
     if progress:
         log(f"speculation: draft search ({draft_budget_s:.0f} s budget){', then a timed run' if measure else ''}")
     spec = speculation(o, export_dir, fit, evals, budget_s=draft_budget_s, search_seqs=min(2, len(fit)),
                        measure=measure, prompts=measure_prompts, prompt_tokens=min(prompt_tokens, text.seq_len),
                        new_tokens=measure_tokens, threads=threads, progress=progress, log=log)
-    report = {
-        "model": {"source": o.manifest.data.get("source"), "fingerprint": o.manifest.fingerprint, "layers": n},
-        "text": {**splits.describe(), "sources": [str(p) for p in text.data] or "machine prose"},
-        "costs": costs.to_json(), "cost_note": cost_note,
-    }
     if only == "speculation":
         return _write(report | {"speculation": spec, "threads": torch.get_num_threads()}, out, t0, log)
-    ladder, ladder_info = _ladder(o, splits, ladder_plan, out, progress)
 
     grid = depth_grid(n)
     sets = {f"greedy {k}": ladder[k - 1] for k in grid[1:]}

@@ -148,9 +148,9 @@ def verdict(section: dict, num_layers: int) -> str:
         m = r.get("measured")
         if m:
             f = m["fixed"]
-            at = (f"; {f['predicted_at_run_acceptance']:.2f}x predicted at the run's {f['acceptance']:.0%}"
-                  if f.get("predicted_at_run_acceptance") is not None else "")
-            text += (f"; timed: {f['speedup']:.2f}x at fixed k{at}, {m['adaptive']['speedup']:.2f}x adaptive")
+            at = (f" against {f['predicted_at_run_acceptance']:.2f}x predicted at the run's {f['acceptance']:.0%} "
+                  "acceptance" if f.get("predicted_at_run_acceptance") is not None else "")
+            text += f", timed {f['speedup']:.2f}x at fixed k{at}, {m['adaptive']['speedup']:.2f}x adaptive"
         parts.append(text + ")")
     m = section["measured"]
     exact = "" if m is None else (" Speculative output was identical to plain greedy." if m["identical"] else

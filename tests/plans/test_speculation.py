@@ -78,7 +78,7 @@ def test_verdict_follows_the_held_out_prediction():
     row["measured"] = {"fixed": {"speedup": 1.1, "acceptance": 0.6, "predicted_at_run_acceptance": 1.08},
                        "adaptive": {"speedup": 1.0}, "identical": True}
     sec["measured"] = {"identical": False}  # a lucky short run does not overrule thousands of held-out positions
-    assert "does not pay" in verdict(sec, 4) and "1.08x predicted at the run's 60%" in verdict(sec, 4)
+    assert "does not pay" in verdict(sec, 4) and "1.08x predicted at the run's 60% acceptance" in verdict(sec, 4)
     assert "DIFFERED" in verdict(sec, 4)
 
 
