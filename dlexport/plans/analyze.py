@@ -2,7 +2,8 @@
 
 One run gives: perplexity and agreement vs layers executed for greedy skip, evenly spaced skip and static early exit
 (with and without calibrated exit heads); the exit-signal trade-offs (agreement vs predicted speedup, head checks
-counted); the per-sequence oracle; a predicted speedup per strategy; and a plain recommendation. It writes
+counted); the per-sequence oracle; what self-speculation buys (plans/speculation.py: the best draft, its held-out
+acceptance, predicted and measured speedup); a predicted speedup per strategy; and a plain recommendation. It writes
 report.md, report.json and one PNG figure (analyze.png) into one folder.
 """
 from __future__ import annotations

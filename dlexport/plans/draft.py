@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..checks import integer, number
+from ..errors import InputError
 from ..files import OwnedFolder, check_replaceable, sha256_file
 from ..runtime.plan import FORMAT as PLAN_FORMAT
 from ..runtime.plan import Draft, DraftHeadRef, Plan
@@ -90,6 +91,9 @@ class DraftSearch:
 
     def __init__(self, stack, manifest, ids: torch.Tensor, coverage: float, k: int):
         self.stack, self.k, self.n = stack, k, stack.num_layers
+        if self.n < 2:
+            raise InputError(f"{manifest.data.get('source')} has {self.n} layer: a self-speculative draft needs a "
+                             "model of 2 layers or more (it drafts with some of them)")
         self.layer_cost, self.full_head_cost = subgraph_costs(manifest)
         self.plan_cost = sum(self.layer_cost.values()) + self.full_head_cost
         with torch.inference_mode():

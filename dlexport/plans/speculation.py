@@ -101,7 +101,7 @@ def speculation(o, export_dir, fit_ids: torch.Tensor, held_ids: torch.Tensor, *,
                 if m["fixed"]["acceptance"] is not None:  # the cost model checked apart from the prompts' luck
                     m["fixed"]["predicted_at_run_acceptance"] = round(
                         search.speedup(d.layers, m["fixed"]["acceptance"], d.k), 4)
-        section["measured"] = {"prompts": prompts, "threads": kinds[0]["measured"]["threads"],
+        section["measured"] = {"prompts": kinds[0]["measured"]["prompts"], "threads": kinds[0]["measured"]["threads"],
                                "identical": all(r["measured"]["identical"] for r in kinds)}
     section["verdict"] = verdict(section, o.stack.num_layers)
     section["wall_s"] = round(time.perf_counter() - t0, 1)
