@@ -70,6 +70,15 @@ def register(sub) -> None:
                                              "instead of running greedy removal again")
     p.add_argument("--adapter-seqs", type=int, default=64)
     p.add_argument("--profile", type=Path, help="cost table (default: DIR/profile.json; else estimated from weights)")
+    p.add_argument("--draft-budget", type=float, default=60.0, help="seconds for the self-speculation draft's "
+                                                                    "skip-set search (prefixes are always scored)")
+    p.add_argument("--draft-seqs", type=int, default=32, help="fitting sequences the draft search reads")
+    p.add_argument("--no-measure", action="store_true", help="predict self-speculation's speedup only; skip its "
+                                                             "timed run")
+    p.add_argument("--measure-prompts", type=int, default=4, help="held-out prompts per text kind in the timed run")
+    p.add_argument("--measure-tokens", type=int, default=32, help="new tokens per prompt in the timed run")
+    p.add_argument("--only", choices=["speculation"], help="run only this section (e.g. its timed run on a quiet "
+                                                           "machine)")
     p.add_argument("-o", "--out", type=Path, required=True, help="report folder")
     _text_args(p)
     p.set_defaults(func=_analyze, resumable=True)
@@ -104,5 +113,7 @@ def _analyze(args) -> int:
     from ..plans.analyze import analyze
 
     analyze(args.dir, args.out, text=_text(args), ladder_plan=args.plan, adapter_seqs=args.adapter_seqs,
-            profile=args.profile, progress=not args.no_progress)
+            profile=args.profile, draft_budget_s=args.draft_budget, draft_seqs=args.draft_seqs,
+            measure=not args.no_measure, measure_prompts=args.measure_prompts, measure_tokens=args.measure_tokens,
+            only=args.only, threads=args.threads, progress=not args.no_progress)
     return 0

@@ -2,7 +2,8 @@
 
 One run gives: perplexity and agreement vs layers executed for greedy skip, evenly spaced skip and static early exit
 (with and without calibrated exit heads); the exit-signal trade-offs (agreement vs predicted speedup, head checks
-counted); the per-sequence oracle; a predicted speedup per strategy; and a plain recommendation. It writes
+counted); the per-sequence oracle; what self-speculation buys (plans/speculation.py: the best draft, its held-out
+acceptance, predicted and measured speedup); a predicted speedup per strategy; and a plain recommendation. It writes
 report.md, report.json and one PNG figure (analyze.png) into one folder.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..checks import integer, number
 from ..errors import InputError
 from ..files import Journal, OwnedFolder, check_apart, write_json_atomic
 from ..runtime.plan import load_plan
@@ -23,6 +25,8 @@ from .exits import CRITERIA, collect_signals, search
 from .exits import evaluate as evaluate_policy
 from .greedy import GreedyRemoval, even_layers, evaluate
 from .oracle import per_sequence_oracle
+from .speculation import markdown as speculation_markdown
+from .speculation import speculation
 from .stack import vocab_subset
 from .text import load_splits
 
@@ -59,9 +63,19 @@ def _ladder(o, splits, ladder_plan, out: Path, progress: bool):
 
 def analyze(export_dir, out, *, text: TextConfig = TextConfig(), ladder_plan=None, adapter_seqs: int = 64,
             profile=None, oracle_prompts: int = 16, prompt_tokens: int = 32, new_tokens: int = 24, loaded=None,
+            draft_budget_s: float = 60.0, draft_seqs: int = 32, measure: bool = True, measure_prompts: int = 4,
+            measure_tokens: int = 32, only: str | None = None, threads: int | None = None,
             progress: bool = True, log=print) -> dict:
+    """``only="speculation"``: just the speculation section (a quick answer, or its timed part on a quiet machine).
+    The draft search reads ``draft_seqs`` fitting sequences (the calibration split, then the adapter split)."""
     t0 = time.perf_counter()
     out = Path(out)
+    if only not in (None, "speculation"):
+        raise InputError(f"only={only!r}: the one section that runs alone is 'speculation' (or leave it out)")
+    number(draft_budget_s, "--draft-budget", 0.0, None)
+    integer(draft_seqs, "--draft-seqs", 1, None)
+    integer(measure_prompts, "--measure-prompts", 1, None)
+    integer(measure_tokens, "--measure-tokens", 2, None)
     check_apart(out, [export_dir])
     OwnedFolder.inspect(out, "analysis")
     o = open_export(export_dir, loaded)
@@ -72,7 +86,21 @@ def analyze(export_dir, out, *, text: TextConfig = TextConfig(), ladder_plan=Non
     splits = load_splits(o.tokenizer, text.sizes(adapter=adapter_seqs), text.seq_len, text.data or None, text.seed,
                          o.tokenizer_name)
     evals = splits["evaluation"]
-    ladder, ladder_info = _ladder(o, splits, ladder_plan, out, progress)
+    report = {
+        "model": {"source": o.manifest.data.get("source"), "fingerprint": o.manifest.fingerprint, "layers": n},
+        "text": {**splits.describe(), "sources": [str(p) for p in text.data] or "machine prose"},
+        "costs": costs.to_json(), "cost_note": cost_note,
+    }
+    if only is None:
+        ladder, ladder_info = _ladder(o, splits, ladder_plan, out, progress)
+    fit = torch.cat([splits["calibration"], splits["adapter"]])[:draft_seqs]
+    if progress:
+        log(f"speculation: draft search ({draft_budget_s:.0f} s budget){', then a timed run' if measure else ''}")
+    spec = speculation(o, export_dir, fit, evals, budget_s=draft_budget_s, search_seqs=min(2, len(fit)),
+                       measure=measure, prompts=measure_prompts, prompt_tokens=min(prompt_tokens, text.seq_len),
+                       new_tokens=measure_tokens, threads=threads, progress=progress, log=log)
+    if only == "speculation":
+        return _write(report | {"speculation": spec, "threads": torch.get_num_threads()}, out, t0, log)
 
     grid = depth_grid(n)
     sets = {f"greedy {k}": ladder[k - 1] for k in grid[1:]}
@@ -115,19 +143,22 @@ def analyze(export_dir, out, *, text: TextConfig = TextConfig(), ladder_plan=Non
         oracle = per_sequence_oracle(o.stack, evals[:oracle_prompts, :prompt_tokens], ladder, new_tokens)
     oracle["predicted_speedup"] = round(costs.speedup(n, oracle["mean_layers"]), 3)
 
-    report = {
-        "model": {"source": o.manifest.data.get("source"), "fingerprint": o.manifest.fingerprint, "layers": n},
-        "text": {**splits.describe(), "sources": [str(p) for p in text.data] or "machine prose"},
-        "costs": costs.to_json(), "cost_note": cost_note, "ladder": {**ladder_info, "rungs": [list(r) for r in ladder]},
+    report.update({
+        "ladder": {**ladder_info, "rungs": [list(r) for r in ladder]},
         "full": full.to_json(), "skip": skip_rows, "exit_tradeoffs": tradeoffs, "oracle": oracle,
         "per_layer_agreement": {kind: [round(float(a), 4) for a in ev.agree.float().mean(1)]
                                 for kind, (_, ev) in sig.items()},
-        "threads": torch.get_num_threads(),
-    }
+        "speculation": spec, "threads": torch.get_num_threads(),
+    })
+    return _write(report, out, t0, log)
+
+
+def _write(report: dict, out: Path, t0: float, log) -> dict:
     report["recommendation"] = recommend(report)
     report["wall_s"] = round(time.perf_counter() - t0, 1)
     write_json_atomic(out / "report.json", report)
-    _plots(report, out)
+    if "skip" in report:
+        _plots(report, out)
     (out / "report.md").write_text(markdown(report))
     log(f"analysis of {report['model']['source']} written to {out} ({report['wall_s']:.0f} s)")
     return report
@@ -141,6 +172,8 @@ def _best_exit(report, heads: str, target: float):
 
 def recommend(report) -> list[str]:
     """Plain sentences from the numbers: which strategy pays on this model, and which does not."""
+    if "skip" not in report:  # only the speculation section ran
+        return [report["speculation"]["verdict"]]
     n, full = report["model"]["layers"], report["full"]
     lines = []
     usable = [r for r in report["skip"] if r["layers"] < n and r["greedy"]["agreement"] >= ACCEPTABLE_AGREEMENT]
@@ -190,12 +223,19 @@ def recommend(report) -> list[str]:
     lines.append(f"Per-sequence depth {verdict}: even an oracle that knows each prompt's answer needs "
                  f"{o['mean_fraction']:.1%} of the layers on average to reproduce {o['new_tokens']} greedy tokens "
                  f"({o['predicted_speedup']:.2f}x at best).")
-    return lines
+    return lines + [report["speculation"]["verdict"]]
 
 
 def markdown(report) -> str:
-    m, full, c = report["model"], report["full"], report["costs"]
-    t = report["text"]
+    m, c, t = report["model"], report["costs"], report["text"]
+    if "skip" not in report:
+        return "\n".join([f"# What self-speculation buys on {m['source']} ({m['layers']} layers)", "",
+                          f"Held-out text: {t['tokens']['evaluation']} tokens ({t['sequences']['evaluation']} "
+                          f"sequences of {t['seq_len']}); tokenizer: {t['tokenizer']}; text sha256 {t['sha256']}. "
+                          "Only this section ran (`dlexport analyze --only speculation`).", ""]
+                         + speculation_markdown(report["speculation"], m["layers"])
+                         + [f"Measured in {report['wall_s']:.0f} s with {report['threads']} PyTorch thread(s).", ""])
+    full = report["full"]
     lines = [f"# What dynamic depth buys on {m['source']} ({m['layers']} layers)", "",
              f"Held-out text: {t['tokens']['evaluation']} tokens ({t['sequences']['evaluation']} sequences of "
              f"{t['seq_len']}), calibration {t['tokens']['calibration']} tokens, adapters fitted on "
@@ -235,7 +275,8 @@ def markdown(report) -> str:
               f"{o['prompts']} held-out prompts of {o['prompt_tokens']} tokens, {o['new_tokens']} greedy tokens each: "
               f"the fewest ladder layers whose reply equals the full model's average {o['mean_layers']:.1f} of "
               f"{m['layers']} ({o['mean_fraction']:.1%}; predicted speedup at best {o['predicted_speedup']:.2f}x).",
-              "", "![what dynamic depth buys](analyze.png)", "",
+              ""] + speculation_markdown(report["speculation"], m["layers"]) + [
+              "![what dynamic depth buys](analyze.png)", "",
               f"Measured in {report['wall_s']:.0f} s with {report['threads']} PyTorch thread(s) "
               "(`dlexport analyze`).", ""]
     return "\n".join(lines)

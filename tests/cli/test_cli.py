@@ -77,3 +77,13 @@ def test_unexpected_errors_are_one_line_too(monkeypatch, capsys, tiny_opt_export
     monkeypatch.setattr(running, "_run", bug)
     assert main(["run", str(tiny_opt_export.folder), "--prompt", "x"]) == 1
     assert "unexpected KeyError" in _error_line(capsys)
+
+
+def test_analyze_speculation_alone(tiny_opt_export, tmp_path, capsys):
+    args = ["analyze", str(tiny_opt_export.folder), "--only", "speculation", "--seq-len", "32", "--calib-seqs", "6",
+            "--eval-seqs", "6", "--adapter-seqs", "8", "--no-progress", "-o", str(tmp_path / "r")]
+    assert main(args + ["--draft-budget", "-1"]) == 2
+    assert "--draft-budget" in _error_line(capsys)
+    assert main(args + ["--draft-budget", "1", "--no-measure"]) == 0
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["speculation"]["measured"] is None and report["recommendation"] == [report["speculation"]["verdict"]]

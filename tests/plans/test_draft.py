@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from dlexport.plans.draft import calibrate_draft, vocabulary
+from dlexport.plans.draft import calibrate_draft, choose, vocabulary
 from dlexport.runtime import Plan, PlanError, Runtime, load_plan
 
 
@@ -15,6 +15,12 @@ def test_vocabulary_covers_the_greedy_choices():
     assert vocabulary(top1, 0.8).tolist() == [3, 5]
     assert vocabulary(top1, 0.95).tolist() == [3, 5, 9]
     assert vocabulary(top1, 1.0).tolist() == [1, 3, 5, 9]
+
+
+def test_a_draft_that_does_not_pay_is_a_prefix():
+    assert choose({(0,): 0.9, (0, 1): 0.8, (0, 2): 0.95}) == (0,)  # switched off, only a prefix probes for free
+    assert choose({(0,): 0.9, (0, 2): 1.2}) == (0, 2)  # a skip set that pays wins
+    assert choose({(0, 2): 0.7, (1, 2): 0.8}) == (1, 2)  # no prefix among them: the best
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_opt"])
