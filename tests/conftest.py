@@ -5,7 +5,8 @@ import importlib.util
 
 import pytest
 
-from dlexport.exporter import export, load_model
+from dlexport.exporter import load_model
+from dlexport.pipeline import export
 from dlexport.exporter.sources import LoadedModel
 
 

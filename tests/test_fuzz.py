@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from dlexport.errors import DlexportError
-from dlexport.exporter.validate import hf_greedy
+from dlexport.validation import hf_greedy
 from dlexport.manifest import Manifest
 from dlexport.runtime import Plan, Runtime, Sampling, load_plan
 from dlexport.runtime.plan import CRITERIA, FEATURES, AdapterRef, Draft, ExitPolicy

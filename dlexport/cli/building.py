@@ -42,7 +42,8 @@ def register(sub) -> None:
 
 
 def _build(args) -> int:
-    from ..engines.build import build_engines, build_from_model
+    from ..engines.build import build_engines
+    from ..pipeline import build_from_model
 
     trt_options = {k: getattr(args, k) for k in ("target", "max_batch", "max_prompt", "max_context",
                                                  "max_decode_tokens", "workspace_gib", "optimization_level")}

@@ -36,7 +36,7 @@ def register(sub) -> None:
 
 
 def _export(args) -> int:
-    from ..exporter import export
+    from ..pipeline import export
 
     export(args.model, args.out, random_weights=args.random_weights, dtype=args.dtype, opset=args.opset, kv=args.kv,
            validate=not args.no_validate, overwrite=args.overwrite, reuse_traces=not args.trace_every_layer)
@@ -57,7 +57,7 @@ def _inspect(args) -> int:
 
 def _validate(args) -> int:
     from ..exporter.sources import load_source
-    from ..exporter.validate import validate
+    from ..validation import validate
     from ..manifest import Manifest
 
     manifest = Manifest.load(args.dir)

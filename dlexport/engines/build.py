@@ -18,7 +18,7 @@ from .folder import ENGINES_JSON, FORMAT, FORMAT_VERSION, PLAN_FILE, TIMING_CACH
 
 BUILD_BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "onnxruntime")
 JOURNAL = ".build-progress.json"
-_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "float32": "float32", "float16": "float16",
+PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "float32": "float32", "float16": "float16",
           "bfloat16": "bfloat16"}
 
 
@@ -166,9 +166,9 @@ def build_engines(export_dir: Path | str, out: Path | str, *, plan=None, backend
         plan.check_model(manifest)
     backend, reason = choose_backend(backend)
     log(f"backend: {backend} ({reason})")
-    if precision is not None and precision not in _DTYPE:
+    if precision is not None and precision not in PRECISION_DTYPES:
         raise InputError(f"precision {precision!r} is not one of fp32, fp16, bf16")
-    precision = _DTYPE[precision] if precision else manifest.dtype
+    precision = PRECISION_DTYPES[precision] if precision else manifest.dtype
     names = _subgraph_names(manifest, plan)
     manifest.verify_files(names)
     if backend == "onnxruntime":
@@ -237,46 +237,3 @@ def _previous_entries(out: Path, identity: dict) -> dict:
     except (DlexportError, FileNotFoundError, ValueError):
         return {}
     return old.get("engines", {}) if old.get("build") == identity else {}
-
-
-def build_from_model(model: str, out: Path | str, *, export_dir: Path | str | None = None, random_weights: bool = False,
-                     precision: str | None = None, backend: str = "auto", plan_path: Path | None = None,
-                     validate: bool = True, progress: bool = True, log=print, **options) -> dict:
-    """Export ``model`` at the build precision when needed (into ``export_dir``), then build from that export."""
-    from ..exporter import export
-    from ..runtime.plan import load_plan
-    from .tensorrt.config import DEFAULT_TARGET, PRESETS
-
-    out = Path(out)
-    export_dir = Path(export_dir) if export_dir else out.parent / f"{out.name}-export"
-    check_apart(out, [export_dir])
-    OwnedFolder.inspect(out, "engines")
-    resolved, _ = choose_backend(backend)
-    if precision is None:
-        precision = "fp32" if resolved == "onnxruntime" else \
-            {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[
-                PRESETS[options.get("target") or DEFAULT_TARGET[resolved]].precision]
-    source = f"random:{model}:seed0" if random_weights else model
-    if precision not in _DTYPE:
-        raise InputError(f"precision {precision!r} is not one of fp32, fp16, bf16")
-    if _reusable_export(export_dir, source, _DTYPE[precision]):
-        log(f"reusing the export in {export_dir}")
-    else:
-        export(model, export_dir, random_weights=random_weights, dtype=precision, validate=validate,
-               progress=progress, log=log)
-    manifest = Manifest.load(export_dir)
-    plan = load_plan(plan_path, manifest) if plan_path else None
-    return build_engines(export_dir, out, plan=plan, backend=resolved, precision=precision, progress=progress,
-                         log=log, **options)
-
-
-def _reusable_export(export_dir: Path, source: str, dtype: str) -> bool:
-    """An export of the same model at the same dtype is already there (re-exporting would redo every subgraph)."""
-    try:
-        manifest = Manifest.load(export_dir)
-    except (DlexportError, FileNotFoundError, ValueError):
-        return False
-    if manifest.data.get("source") != source or manifest.dtype != dtype:
-        return False
-    manifest.verify_files()
-    return True

@@ -1,4 +1,4 @@
-"""Export a model to per-subgraph ONNX files, one at a time, resumably, then validate them."""
+"""Export a model to per-subgraph ONNX files, one at a time, resumably (``pipeline.export`` validates them after)."""
 from __future__ import annotations
 
 import logging
@@ -227,14 +227,16 @@ def export(
     dtype: str = "fp32",
     opset: int = DEFAULT_OPSET,
     kv: str = "inplace",
-    validate: bool = True,
+    check=None,
     overwrite: bool = False,
     progress: bool = True,
     reuse_traces: bool = True,
     log=print,
 ) -> Manifest:
-    """Export ``model`` into ``out`` (see architectures/base.py for the I/O contract) and, by default, validate it.
+    """Export ``model`` into ``out`` (see architectures/base.py for the I/O contract).
 
+    ``check(manifest, loaded, log=)``: run on the written export with the PyTorch model it came from; its report is
+    saved in the manifest as ``validation`` before a failure is raised (``pipeline.export`` passes validation).
     ``kv``: "inplace" (layers update their cache buffer and attend over its filled part; ONNX Runtime and TensorRT for
     RTX) or "portable" (opset-18 layers that return only the new key/values; also TensorRT 10.3 on JetPack 6).
     ``reuse_traces``: trace one layer per distinct layer structure and give the others its graph with their own
@@ -312,10 +314,8 @@ def export(
     seconds = time.perf_counter() - t0
     reused = f"; layer graphs: {traces.traced} traced, {traces.reused} from a trace of their structure" if traces else ""
     log(f"exported {len(entries)} subgraphs of {loaded.source} to {out} in {seconds:.1f} s{reused}")
-    if validate:
-        from .validate import validate as run_validation
-
-        report = run_validation(manifest, loaded, log=log)
+    if check is not None:
+        report = check(manifest, loaded, log=log)
         manifest.data["validation"] = report.to_json()
         manifest.save()
         report.raise_if_failed()

@@ -264,7 +264,7 @@ def check_draft_head(export_dir: Path, manifest, head_path: Path, vocab: torch.T
     """Run the draft head and the export's head on the same hidden states: the subset's logits must match."""
     from ..contract import TensorSpec
     from ..engines.onnxruntime import OrtConfig, OrtEngine
-    from ..exporter.validate import ValidationError
+    from ..validation import ValidationError
 
     sub = manifest.subgraph("head")
     ins = [TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in sub["inputs"]]

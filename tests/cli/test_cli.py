@@ -63,7 +63,7 @@ def test_ctrl_c_says_resume_only_where_a_command_resumes(tiny_opt_export, monkey
         raise KeyboardInterrupt
 
     monkeypatch.setattr(running, "_run", interrupted)
-    monkeypatch.setattr("dlexport.exporter.export", interrupted)
+    monkeypatch.setattr("dlexport.pipeline.export", interrupted)
     assert main(["run", str(tiny_opt_export.folder), "--prompt", "x"]) == 130
     assert "resume" not in capsys.readouterr().err
     assert main(["export", "--out", "/nonexistent/x"]) == 130

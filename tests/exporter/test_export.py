@@ -8,7 +8,8 @@ import pytest
 
 from dlexport.engines.build import build_engines
 from dlexport.errors import FolderError
-from dlexport.exporter import ExportDirError, export
+from dlexport.exporter import ExportDirError
+from dlexport.pipeline import export
 from dlexport.exporter import onnx_export as export_module
 from dlexport.manifest import Manifest
 

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from dlexport.exporter.validate import hf_greedy
+from dlexport.validation import hf_greedy
 from dlexport.runtime import Plan, PlanError, PromptTooLongError, Runtime, Sampling
 from dlexport.runtime.plan import ExitPolicy
 from dlexport.runtime.reference import reference_generate

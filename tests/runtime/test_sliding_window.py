@@ -94,7 +94,7 @@ def gemma3(gemma3_270m_export, gemma3_270m_model):
 
 @pytest.mark.slow
 def test_gemma3_270m_prompt_past_the_window_equals_hf_generate(gemma3):
-    from dlexport.exporter.validate import hf_greedy
+    from dlexport.validation import hf_greedy
 
     manifest, rt, loaded = gemma3
     prompt = loaded.tokenizer(LONG_TEXT)["input_ids"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from dlexport.exporter import export
+from dlexport.pipeline import export
 from dlexport.exporter.draft_head import subset_head
 from dlexport.files import sha256_file
 from dlexport.runtime import Plan, PlanError, Runtime, Sampling

@@ -7,7 +7,7 @@ import pytest
 from dlexport.engines.build import build_engines
 from dlexport.engines.tensorrt.builder import EngineBuildError, build_engine
 from dlexport.engines.tensorrt.config import settings_for
-from dlexport.exporter import export
+from dlexport.pipeline import export
 from dlexport.files import sha256_file
 from dlexport.runtime.plan import Plan
 

@@ -4,6 +4,9 @@ Per subgraph, three cases run in ONNX Runtime (CPU) and in PyTorch: a prefill (7
 (1 token after 7 past) and a batch of two left-padded prompts. The tolerance is relative to the output's magnitude:
 max|onnx - torch| <= tol * max(1, max|torch|), with tol 1e-4 for fp32 and 2e-2 for fp16/bf16. End to end, the
 stitched runtime's greedy tokens must equal Hugging Face ``generate(do_sample=False)`` token for token.
+
+It sits above the exporter, the engines and the runtime, which it checks against each other (``pipeline.export``
+runs it after exporting).
 """
 from __future__ import annotations
 
@@ -12,13 +15,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import DlexportError
-from ..manifest import Manifest
-from ..contract import PAST_LENGTH
-from .architectures import (architecture_for, past_key_name, past_value_name, present_key_name, present_value_name,
-                            sequence_mask)
-from .onnx_export import subgraphs
-from .sources import LoadedModel
+from .contract import PAST_LENGTH
+from .engines.onnxruntime import OrtConfig
+from .engines.onnxruntime.loader import create_session
+from .errors import DlexportError
+from .exporter.architectures import (architecture_for, past_key_name, past_value_name, present_key_name,
+                                     present_value_name, sequence_mask)
+from .exporter.onnx_export import subgraphs
+from .exporter.sources import LoadedModel
+from .manifest import Manifest
+from .runtime import Runtime
 
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
 END_TO_END_TOKENS = 32
@@ -113,8 +119,6 @@ def _cases(arch, sub, dtype):
 
 def check_subgraphs(manifest: Manifest, loaded: LoadedModel, log=print, names=None) -> list[Check]:
     """Each subgraph in ONNX Runtime against its PyTorch module; one session at a time keeps memory low."""
-    from ..engines.onnxruntime import OrtConfig
-    from ..engines.onnxruntime.loader import create_session
 
     arch = architecture_for(loaded.model)
     dtype = next(loaded.model.parameters()).dtype
@@ -198,7 +202,6 @@ def hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
 
 
 def check_end_to_end(manifest: Manifest, loaded: LoadedModel, report: Report, log=print) -> None:
-    from ..runtime import Runtime
 
     prompt = reference_prompt(manifest, loaded)
     runtime = Runtime.load(manifest.folder)
