@@ -16,6 +16,12 @@ OWNER = ".dlexport-folder.json"  # the marker of a folder dlexport writes
 OWNER_FORMAT = "dlexport-folder"
 
 
+def cache_dir() -> Path:
+    """dlexport's own cache (converted checkpoints, baseline graphs, layer groups): ``$DLEXPORT_CACHE`` or
+    ``~/.cache/dlexport``."""
+    return Path(os.environ.get("DLEXPORT_CACHE", Path.home() / ".cache" / "dlexport"))
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

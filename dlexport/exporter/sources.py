@@ -3,7 +3,6 @@ random shape."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -13,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DlexportError
+from ..files import cache_dir
 
 EMBEDDED_DEFAULT = "smollm2-135m"
 GEMMA3_270M = "gemma3-270m"
@@ -84,10 +84,6 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object | None
     source: str  # what the user asked for, recorded in the manifest
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("DLEXPORT_CACHE", Path.home() / ".cache" / "dlexport"))
 
 
 def _torch_dtype(dtype: str) -> torch.dtype:
@@ -182,7 +178,7 @@ BUILT_IN: dict[str, Callable[[Path], Path]] = {EMBEDDED_DEFAULT: _smollm2_gguf, 
 def _built_in(name: str) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cached = _cache_dir() / name
+    cached = cache_dir() / name
     if not (cached / "config.json").exists():
         _convert_gguf(name, cached)
     model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)

@@ -25,7 +25,7 @@ from ..exporter.architectures import (TensorSpec, architecture_for, past_key_nam
 from ..exporter.architectures.base import BATCH, KEYS, PAST, TOKENS
 from ..exporter.fusions import FUSED_OPSET, fuse_standard_ops
 from ..exporter.onnx_export import DEFAULT_OPSET, Subgraph, example_inputs
-from ..files import OwnedFolder, read_json, write_json_atomic
+from ..files import OwnedFolder, cache_dir, read_json, write_json_atomic
 from ..manifest import Manifest
 from ..runtime.kv_cache import KVCache
 
@@ -114,9 +114,7 @@ def export_monolithic(model: nn.Module, out: Path | str, fingerprint: str, *, op
 
 
 def default_dir(manifest: Manifest) -> Path:
-    from ..exporter.sources import _cache_dir
-
-    return _cache_dir() / "monolithic" / f"{manifest.fingerprint}-{manifest.dtype}-opset{manifest.data['opset']}-fused{FUSED_OPSET}"
+    return cache_dir() / "monolithic" / f"{manifest.fingerprint}-{manifest.dtype}-opset{manifest.data['opset']}-fused{FUSED_OPSET}"
 
 
 def ensure_monolithic(manifest: Manifest, model_factory, folder: Path | None = None, log=print) -> Path:

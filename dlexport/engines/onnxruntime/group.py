@@ -1,4 +1,4 @@
-"""Consecutive in-place layers as ONE ONNX Runtime session (a layer group), composed in memory at load time.
+"""Consecutive in-place layers as ONE ONNX Runtime session (a layer group).
 
 Measured on SmolLM2-135M (1 thread, prompt 64 / 64 new): the same 30 layer graphs run as 30 sessions decode at
 0.89x the monolithic graph, and as one composed session at 1.01x, with identical tokens
@@ -7,7 +7,11 @@ session alone is as fast as its part of the single graph) but what happens betwe
 runs each maximal run of consecutive layers it loads as one group; single layers remain for whatever a strategy
 runs apart (an exit check inside the run, a draft's prefix), opened on first use.
 
-A group's graph is its layers' graphs side by side: internal names get a ``lN.`` prefix, layer ``i``'s
+A group is composed once, on its first load, into dlexport's cache (``$DLEXPORT_CACHE/groups``, by default
+``~/.cache/dlexport/groups``), keyed by its layer files' sha256: a graph file with the weights as external data,
+written one layer at a time, so loading a group holds no more memory than loading its layers one by one (an
+in-memory protobuf held the weights three times over during the load). A group's graph is its layers' graphs side
+by side: internal names get a ``lN.`` prefix, layer ``i``'s
 ``hidden_states_out`` feeds layer ``i + 1``'s ``hidden_states``, and the inputs every layer takes alike
 (``attention_mask``, rotary cos/sin, ``past_length``) are one input. So every layer of a group must take the same
 such inputs (one sliding window or none, one rotary kind) and have the same filled length when it runs.
@@ -19,7 +23,8 @@ from pathlib import Path
 from ...contract import PAST_LENGTH, TensorSpec, past_key_name, past_value_name, present_key_name, present_value_name
 
 HIDDEN_IN, HIDDEN_OUT = "hidden_states", "hidden_states_out"
-MAX_BYTES = 1_800_000_000  # a group is one protobuf in memory: below its 2 GB limit, with room for the graph
+GRAPH, DATA = "group.onnx", "group.onnx.data"
+FORMAT = 1  # in the cache key: a change of the composed form gets new folders
 
 
 def group_name(layers: list[int]) -> str:
@@ -56,8 +61,7 @@ def groupable(layers: list[int], io: dict, windows: list) -> bool:
 
 def runs(manifest, layers=None) -> list[list[int]]:
     """The maximal runs of consecutive layers among ``layers`` (all by default) that take the same shared inputs
-    and sliding window (Gemma 3's local and global layers run apart), two layers or more, each cut into pieces whose
-    weights one in-memory model holds."""
+    and sliding window (Gemma 3's local and global layers run apart), two layers or more."""
     layers = list(range(manifest.num_layers)) if layers is None else list(layers)
     windows = manifest.arch.get("layer_windows") or [None] * manifest.num_layers
 
@@ -66,43 +70,86 @@ def runs(manifest, layers=None) -> list[list[int]]:
         return windows[i], tuple(s["name"] for s in sub["inputs"] if s["name"] not in (
             HIDDEN_IN, past_key_name(i), past_value_name(i)))
 
-    size = {i: sum(f["size"] for f in manifest.subgraph(manifest.layer_key(i))["files"]) for i in layers}
-    out, run, total = [], [], 0
+    out = []
     for i in layers:
-        if run and (i != run[-1] + 1 or kind(i) != kind(run[-1]) or total + size[i] > MAX_BYTES):
-            out.append(run)
-            run, total = [], 0
-        run.append(i)
-        total += size[i]
-    out.append(run)
+        if out and i == out[-1][-1] + 1 and kind(i) == kind(out[-1][-1]):
+            out[-1].append(i)
+        else:
+            out.append([i])
     return [r for r in out if len(r) > 1]
 
 
-def compose(paths: list[Path]) -> bytes:
-    """The layer graphs at ``paths`` (consecutive layers, in order) as one serialized model."""
+def cache_key(manifest, layers: list[int]) -> str:
+    """The group's cache folder name: its layers' files, by content."""
+    import hashlib
+
+    h = hashlib.sha256(f"dlexport layer group {FORMAT}".encode())
+    for i in layers:
+        for f in manifest.subgraph(manifest.layer_key(i))["files"]:
+            h.update(f["sha256"].encode())
+    return f"{group_name(layers)}-{h.hexdigest()[:24]}"
+
+
+def compose(paths: list[Path], folder: Path) -> Path:
+    """The layer graphs at ``paths`` (consecutive layers, in order) as one model written to ``folder`` (a graph file
+    and its weights as external data), one layer in memory at a time; returns the graph file. Written under a
+    temporary name and renamed, so a folder that is there is whole."""
+    import tempfile
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        _write(paths, tmp)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+        raise
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process composed it first: theirs is as good
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder / GRAPH
+
+
+def _write(paths: list[Path], tmp: Path) -> None:
+    import os
+
     import onnx
     from onnx import compose as onnx_compose
-    from onnx import helper
+    from onnx import external_data_helper, helper
 
     nodes, initializers, inputs, outputs, seen = [], [], [], [], set()
     last = len(paths) - 1
-    model = None
-    for k, path in enumerate(paths):
-        model = onnx.load(str(path))
-        g = onnx_compose.add_prefix(model, f"l{k}.", rename_inputs=False, rename_outputs=False).graph
-        link = {HIDDEN_IN: HIDDEN_IN if k == 0 else f"group.hidden.{k}",
-                HIDDEN_OUT: HIDDEN_OUT if k == last else f"group.hidden.{k + 1}"}
-        for node in g.node:
-            for names in (node.input, node.output):
-                for j, name in enumerate(names):
-                    names[j] = link.get(name, name)
-        nodes += g.node
-        initializers += g.initializer
-        for value in g.input:
-            if (value.name != HIDDEN_IN or k == 0) and value.name not in seen:
-                seen.add(value.name)
-                inputs.append(value)
-        outputs += [v for v in g.output if v.name != HIDDEN_OUT or k == last]
+    with open(tmp / DATA, "wb") as data:
+        for k, path in enumerate(paths):
+            model = onnx.load(str(path))
+            g = onnx_compose.add_prefix(model, f"l{k}.", rename_inputs=False, rename_outputs=False, inplace=True).graph
+            link = {HIDDEN_IN: HIDDEN_IN if k == 0 else f"group.hidden.{k}",
+                    HIDDEN_OUT: HIDDEN_OUT if k == last else f"group.hidden.{k + 1}"}
+            for node in g.node:
+                for names in (node.input, node.output):
+                    for j, name in enumerate(names):
+                        names[j] = link.get(name, name)
+            for tensor in g.initializer:
+                if len(tensor.raw_data) >= 1024:
+                    data.write(b"\0" * (-data.tell() % 4096))  # page-aligned: ONNX Runtime can map it
+                    offset = data.tell()
+                    data.write(tensor.raw_data)
+                    external_data_helper.set_external_data(tensor, DATA, offset, len(tensor.raw_data))
+                    tensor.ClearField("raw_data")
+                    tensor.data_location = onnx.TensorProto.EXTERNAL
+            nodes += g.node
+            initializers += g.initializer
+            for value in g.input:
+                if (value.name != HIDDEN_IN or k == 0) and value.name not in seen:
+                    seen.add(value.name)
+                    inputs.append(value)
+            outputs += [v for v in g.output if v.name != HIDDEN_OUT or k == last]
+            opset, ir_version = model.opset_import, model.ir_version
+        data.flush()
+        os.fsync(data.fileno())
     graph = helper.make_graph(nodes, "layer_group", inputs, outputs, initializers)
-    merged = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
-    return merged.SerializeToString()
+    onnx.save(helper.make_model(graph, opset_imports=opset, ir_version=ir_version), str(tmp / GRAPH))

@@ -1,7 +1,6 @@
 """Layer groups: runs of consecutive in-place layers as one ONNX Runtime session give the tokens single layers give."""
 import pytest
 
-from dlexport.engines.onnxruntime import group as group_module
 from dlexport.engines.onnxruntime.group import runs
 from dlexport.runtime import Runtime
 from dlexport.runtime.plan import Draft, ExitPolicy, Plan
@@ -55,12 +54,28 @@ def test_portable_layers_are_never_grouped(tiny_llama_portable_export):
     assert _groups(Runtime.load(tiny_llama_portable_export.folder)) == []
 
 
-def test_runs_split_at_gaps_and_at_the_size_limit(tiny_llama_export, monkeypatch):
+def test_runs_split_at_gaps(tiny_llama_export):
     assert runs(tiny_llama_export) == [[0, 1, 2, 3]]
     assert runs(tiny_llama_export, [0, 1, 3]) == [[0, 1]]
-    size = tiny_llama_export.subgraph("layer_00")["files"][0]["size"]
-    monkeypatch.setattr(group_module, "MAX_BYTES", 2 * size)
-    assert runs(tiny_llama_export) == [[0, 1], [2, 3]]
+
+
+def test_a_group_is_composed_once_into_the_cache_with_external_weights(tiny_llama_export, tmp_path, monkeypatch):
+    monkeypatch.setenv("DLEXPORT_CACHE", str(tmp_path))
+    Runtime.load(tiny_llama_export.folder)
+    (folder,) = (tmp_path / "groups").iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == ["group.onnx", "group.onnx.data"]
+    layers = sum(tiny_llama_export.subgraph(f"layer_{i:02d}")["files"][0]["size"] for i in range(4))
+    assert (folder / "group.onnx").stat().st_size < 0.3 * layers < 0.6 * layers < (folder / "group.onnx.data").stat().st_size
+    stamp = (folder / "group.onnx.data").stat().st_mtime_ns
+    Runtime.load(tiny_llama_export.folder)  # the second load reuses it
+    assert (folder / "group.onnx.data").stat().st_mtime_ns == stamp and len(list((tmp_path / "groups").iterdir())) == 1
+
+
+def test_an_unwritable_cache_leaves_the_layers_single(tiny_llama_export, tmp_path, monkeypatch):
+    (tmp_path / "groups").write_text("not a folder")
+    monkeypatch.setenv("DLEXPORT_CACHE", str(tmp_path))
+    rt = Runtime.load(tiny_llama_export.folder)
+    assert _groups(rt) == [] and rt.generate(PROMPTS, 4, stop_tokens=[]).new_tokens == 4
 
 
 def test_gemma3_groups_are_its_runs_of_local_layers(family_export):
