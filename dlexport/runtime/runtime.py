@@ -209,9 +209,9 @@ class Runtime:
                         self._add_group(group)
 
     def _add_group(self, group: Engine) -> None:
-        at = self._groups.setdefault(group.layers[0], [])
-        at.append(group)
-        at.sort(key=lambda g: -len(g.layers))
+        """A new sorted list, swapped in whole: requests on other threads read the old one meanwhile."""
+        at = self._groups.get(group.layers[0], [])
+        self._groups[group.layers[0]] = sorted(at + [group], key=lambda g: -len(g.layers))
 
     def check_length(self, prompt_len: int, max_new_tokens: int) -> int:
         """The KV slots a request needs, refused with the way out when the model's context is too short."""
