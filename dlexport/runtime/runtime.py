@@ -135,7 +135,7 @@ class Runtime:
             raise InputError(f"the plan runs layers {missing}, which this runtime did not load; load them with "
                              "Runtime.load(..., layers=None) or build engines for this plan")
         if self.grouping:
-            self._open_groups(plan.layers)
+            self.open_groups(plan.layers)
         checks.integer(max_new_tokens, "max_new_tokens", 1, self.max_positions,
                        fix="ask for at least one new token, at most the model's context")
         if not isinstance(sampling, Sampling):
@@ -196,8 +196,11 @@ class Runtime:
             valid[b, width - len(r):] = True
         return ids, valid
 
-    def _open_groups(self, layers) -> None:
-        """A group for each run of consecutive ``layers`` that no group covers exactly yet (once per plan)."""
+    def open_groups(self, layers) -> None:
+        """A group for each run of consecutive ``layers`` that no group covers exactly yet (once per plan; a
+        strategy asks for the runs it calls apart, e.g. a draft's prefix). Nothing where grouping is off."""
+        if not self.grouping:
+            return
         from ..engines.onnxruntime.group import runs
 
         with self._grouping_lock:

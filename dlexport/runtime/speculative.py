@@ -389,6 +389,9 @@ class Speculative(Strategy):
         if search is not None and not isinstance(search, bool):
             raise PlanError(f"search must be True, False or None (automatic), got {search!r}")
         self.spec = Speculator.for_plan(runtime, plan, draft, head_cost, search)
+        s = self.spec  # its draft's runs and the verification's rest run as layer groups too (runtime.open_groups)
+        for layers in (plan.layers[:s.shared], s.layers[s.shared:], plan.layers[s.shared:]):
+            runtime.open_groups(layers)
 
     def stats(self) -> dict:
         return self.spec.stats()
