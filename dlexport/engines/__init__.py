@@ -82,23 +82,18 @@ def open_engines(folder: Path, *, backend: str = "onnxruntime", device: str = "c
 
 
 def open_group(manifest: Manifest, layers: list[int], config) -> Engine | None:
-    """One ONNX Runtime session over ``layers`` of an export (consecutive, in-place), composed into dlexport's cache
-    on first use; None where they cannot be one group (different shared inputs) or the cache cannot be written."""
+    """One ONNX Runtime session over ``layers`` of an export (a run from ``onnxruntime.group.runs``), composed into
+    dlexport's cache on first use; None where the cache cannot be written."""
     from ..files import cache_dir
     from .onnxruntime import OrtEngine
-    from .onnxruntime.group import GRAPH, cache_key, compose, group_io, group_name, groupable
+    from .onnxruntime.group import GRAPH, cache_key, compose, group_io, group_name, layer_io
 
-    io = {i: ([TensorSpec.from_json(s) for s in manifest.subgraph(manifest.layer_key(i))["inputs"]],
-              [TensorSpec.from_json(s) for s in manifest.subgraph(manifest.layer_key(i))["outputs"]]) for i in layers}
-    windows = manifest.arch.get("layer_windows") or [None] * manifest.num_layers
-    if not groupable(layers, io, windows):
-        return None
     folder = cache_dir() / "groups" / cache_key(manifest, layers)
     try:
         graph = folder / GRAPH if (folder / GRAPH).exists() else \
             compose([manifest.path(manifest.layer_key(i)) for i in layers], folder)
     except OSError:  # a read-only or full cache: the layers run one by one
         return None
-    engine = OrtEngine(group_name(layers), graph, *group_io(layers, io), config)
+    engine = OrtEngine(group_name(layers), graph, *group_io(layers, {i: layer_io(manifest, i) for i in layers}), config)
     engine.layers = tuple(layers)
     return engine

@@ -134,8 +134,7 @@ class Runtime:
         if missing:
             raise InputError(f"the plan runs layers {missing}, which this runtime did not load; load them with "
                              "Runtime.load(..., layers=None) or build engines for this plan")
-        if self.grouping:
-            self.open_groups(plan.layers)
+        self.open_groups(plan.layers)
         checks.integer(max_new_tokens, "max_new_tokens", 1, self.max_positions,
                        fix="ask for at least one new token, at most the model's context")
         if not isinstance(sampling, Sampling):

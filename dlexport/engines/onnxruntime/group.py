@@ -51,28 +51,25 @@ def group_io(layers: list[int], io: dict[int, tuple[list[TensorSpec], list[Tenso
     return inputs, outputs
 
 
-def groupable(layers: list[int], io: dict, windows: list) -> bool:
-    """In-place layers whose shared inputs and sliding window are all the same (two at least)."""
-    if len(layers) < 2 or any(PAST_LENGTH not in {s.name for s in io[i][0]} for i in layers):
-        return False
-    first = shared_inputs(io[layers[0]][0], layers[0])
-    return all(shared_inputs(io[i][0], i) == first and windows[i] == windows[layers[0]] for i in layers)
+def layer_io(manifest, i: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    sub = manifest.subgraph(manifest.layer_key(i))
+    return [TensorSpec.from_json(s) for s in sub["inputs"]], [TensorSpec.from_json(s) for s in sub["outputs"]]
 
 
 def runs(manifest, layers=None) -> list[list[int]]:
-    """The maximal runs of consecutive layers among ``layers`` (all by default) that take the same shared inputs
-    and sliding window (Gemma 3's local and global layers run apart), two layers or more."""
+    """The maximal runs of consecutive in-place layers among ``layers`` (all by default) that take the same shared
+    inputs and sliding window (Gemma 3's local and global layers run apart), two layers or more: the groups."""
     layers = list(range(manifest.num_layers)) if layers is None else list(layers)
     windows = manifest.arch.get("layer_windows") or [None] * manifest.num_layers
 
-    def kind(i):
-        sub = manifest.subgraph(manifest.layer_key(i))
-        return windows[i], tuple(s["name"] for s in sub["inputs"] if s["name"] not in (
-            HIDDEN_IN, past_key_name(i), past_value_name(i)))
+    def kind(i):  # None for a portable layer: it writes no buffer of its own, so it joins no group
+        ins = layer_io(manifest, i)[0]
+        return (windows[i], shared_inputs(ins, i)) if any(s.name == PAST_LENGTH for s in ins) else None
 
+    kinds = {i: kind(i) for i in layers}
     out = []
     for i in layers:
-        if out and i == out[-1][-1] + 1 and kind(i) == kind(out[-1][-1]):
+        if out and i == out[-1][-1] + 1 and kinds[i] is not None and kinds[i] == kinds[out[-1][-1]]:
             out[-1].append(i)
         else:
             out.append([i])
@@ -94,6 +91,7 @@ def compose(paths: list[Path], folder: Path) -> Path:
     """The layer graphs at ``paths`` (consecutive layers, in order) as one model written to ``folder`` (a graph file
     and its weights as external data), one layer in memory at a time; returns the graph file. Written under a
     temporary name and renamed, so a folder that is there is whole."""
+    import shutil
     import tempfile
 
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -101,15 +99,11 @@ def compose(paths: list[Path], folder: Path) -> Path:
     try:
         _write(paths, tmp)
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
         raise
     try:
         tmp.rename(folder)
     except OSError:  # another process composed it first: theirs is as good
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return folder / GRAPH
 

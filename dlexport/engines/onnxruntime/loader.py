@@ -48,8 +48,7 @@ def providers_for(config: OrtConfig) -> list:
     return chain
 
 
-def create_session(path: Path | bytes, config: OrtConfig):
-    """A session over an ONNX file, or over a serialized model (``bytes``)."""
+def create_session(path: Path, config: OrtConfig):
     ort = _ort()
     if config.opt_level not in OPT_LEVELS:
         raise InputError(f"unknown graph optimisation level {config.opt_level!r}; choose one of {', '.join(OPT_LEVELS)}")
@@ -68,10 +67,8 @@ def create_session(path: Path | bytes, config: OrtConfig):
     if config.optimized_model_path:
         so.optimized_model_filepath = str(config.optimized_model_path)
     try:
-        return ort.InferenceSession(path if isinstance(path, bytes) else str(path), sess_options=so,
-                                    providers=providers_for(config))
+        return ort.InferenceSession(str(path), sess_options=so, providers=providers_for(config))
     except Exception as e:  # ORT raises its own exception types; turn them into an actionable message
         if "INVALID_PROTOBUF" in str(e) or "Protobuf parsing failed" in str(e) or "INVALID_GRAPH" in str(e):
-            what = "a composed layer group" if isinstance(path, bytes) else str(path)
-            raise CorruptFileError(f"{what} is not a valid ONNX model ({e}); the file is corrupt: re-export it") from e
+            raise CorruptFileError(f"{path} is not a valid ONNX model ({e}); the file is corrupt: re-export it") from e
         raise

@@ -17,14 +17,13 @@ _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int
 
 
 class OrtEngine(Engine):
-    """``model``: an ONNX file, or a serialized model (a layer group, group.py). ``lazy``: the session is created on
-    the first call (single layers a layer group also covers are opened only when a strategy runs them apart)."""
+    """``lazy``: the session is created on the first call (single layers a layer group also covers are opened only
+    when a strategy runs them apart)."""
 
-    def __init__(self, name: str, model: Path | bytes, inputs: list[TensorSpec], outputs: list[TensorSpec],
-                 config: OrtConfig, *, lazy: bool = False):
-        self.name, self.inputs, self.outputs, self.config = name, inputs, outputs, config
-        self._model = model if isinstance(model, bytes) else Path(model)
-        self._session = None if lazy else create_session(self._model, config)
+    def __init__(self, name: str, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], config: OrtConfig,
+                 *, lazy: bool = False):
+        self.name, self.path, self.inputs, self.outputs, self.config = name, Path(path), inputs, outputs, config
+        self._session = None if lazy else create_session(self.path, config)
         self._opening = threading.Lock()
         self.on_gpu = config.provider in ("cuda", "tensorrt")
         self.device = torch.device("cuda", config.device_id) if self.on_gpu else torch.device("cpu")
@@ -41,7 +40,7 @@ class OrtEngine(Engine):
         if self._session is None:
             with self._opening:
                 if self._session is None:
-                    self._session = create_session(self._model, self.config)
+                    self._session = create_session(self.path, self.config)
         return self._session
 
     def _state(self):
