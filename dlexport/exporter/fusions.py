@@ -18,18 +18,17 @@ from onnxscript.rewriter import onnx_fusions, pattern
 FUSED_OPSET = 23
 
 
-def fuse_standard_ops(model) -> dict[str, int]:
+def fuse_standard_ops(model) -> None:
     """Fuse RMSNorm and rotary embedding in ``model`` (an ``onnx_ir.Model``, any opset >= 18) in place; the model
-    imports opset 23 afterwards (none of its other operators changed meaning since 18). Returns the counts."""
+    imports opset 23 afterwards (none of its other operators changed meaning since 18)."""
     model.opset_imports[""] = FUSED_OPSET
     before = {id(n) for n in model.graph}
-    counts = {"RMSNormalization": onnx_fusions.fuse(model)["RMSNormalization"],
-              "RotaryEmbedding": pattern.RewriteRuleSet([_RotaryFromInputs.rule()]).apply_to_model(model)}
+    onnx_fusions.fuse(model)
+    pattern.RewriteRuleSet([_RotaryFromInputs.rule()]).apply_to_model(model)
     for p in (passes.RemoveUnusedNodesPass(), passes.CommonSubexpressionEliminationPass(),
               passes.RemoveUnusedNodesPass()):
         p(model)  # the rotary rule keeps the shared Unsqueezes of cos/sin alive until every match is rewritten
     _name_new_nodes(model, before)
-    return counts
 
 
 def _name_new_nodes(model, before: set) -> None:
@@ -51,7 +50,8 @@ def _values(v) -> list | None:
 class _RotaryFromInputs(pattern.RewriteRuleClassBase):
     """``x * Unsqueeze(cos, 1) + Concat(-x[..., h:], x[..., :h]) * Unsqueeze(sin, 1)`` (Hugging Face's
     ``apply_rotary_pos_emb`` with ``rotate_half``) for x [batch, heads, tokens, 2h] and cos/sin [batch, tokens, 2h]
-    -> ``RotaryEmbedding(x, cos[..., :h], sin[..., :h])``. Partial rotary (Phi-3) does not match and stays as it is."""
+    -> ``RotaryEmbedding(x, cos[..., :h], sin[..., :h])``. With partial rotary (Phi-3) x is the rotated slice of the
+    head and cos/sin are as wide as it, so that slice is fused and the rest passes through as before."""
 
     def __init__(self):
         super().__init__("RotaryFromInputs", remove_nodes=False)  # q and k share the Unsqueezes of cos/sin
