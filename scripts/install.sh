@@ -6,7 +6,7 @@ python3 -m pip install -q --upgrade pip
 # CPU torch first: 2.13.0 is served from a local CPU build; any other torch would pull GBs of CUDA packages,
 # and with 2.13.0 installed, dlexport's own `torch>=2.4` requirement installs nothing more.
 python3 -m pip install -q torch==2.13.0
-python3 -m pip install -q -e ".[test,tensorrt-rtx,serve]"
+python3 -m pip install -q -e ".[test,tensorrt-rtx,serve,llamacpp]"
 # Triton Inference Server for `dlexport serve` and tests/serving: a venv over these packages with numpy<2 and the
 # nvidia-pytriton wheel (its Python backend stub cannot read numpy 2 arrays; ~20 s).
 python3 -m dlexport serve --prepare-env
