@@ -49,6 +49,11 @@ def present_value_name(i: int) -> str:
     return f"present.{i}.value"
 
 
+def hidden_tap_name(k: int) -> str:
+    """A layer group's output holding the hidden states after its first ``k`` layers (engines/onnxruntime/group.py)."""
+    return f"hidden_states_out.{k}"
+
+
 def past_for_present(name: str) -> str:
     """The past input an in-place layer's present output is bound to: ``present.N.key`` -> ``past_key_values.N.key``."""
     prefix, index, kind = name.split(".")

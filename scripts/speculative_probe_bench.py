@@ -49,6 +49,15 @@ def repetitive_prompts(count: int, length: int, tokenizer) -> list[list[int]]:
     return out
 
 
+def _counts(extras) -> dict:
+    """How many requests ended with each draft layer set."""
+    counts = {}
+    for x in extras:
+        key = ",".join(map(str, x["draft_layers"]))
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--export", type=Path, required=True)
@@ -59,6 +68,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--configs", nargs="+", default=["plain", "prefix12-full-head", "prefix12-cheap-head",
                                                       "calibrated"])
+    ap.add_argument("--no-memory", action="store_true",
+                    help="every request starts fresh (default: it starts from what the last one learned)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -69,7 +80,10 @@ def main() -> None:
     all_configs = {"plain": None,
                    "prefix12-full-head": Draft(tuple(range(12)), 4, True),
                    "prefix12-cheap-head": replace(head, layers=tuple(range(12)), k=4),
-                   "calibrated": head}
+                   "calibrated": head,
+                   # the skip-set search from the calibration's best skip set, and from every other layer
+                   "skip-search": replace(head, layers=tuple(plan.calibration["best_skip_set"]["layers"]), k=4),
+                   "half-skip-search": replace(head, layers=tuple(range(0, rt.num_layers, 2)), k=4)}
     configs = {n: all_configs[n] for n in args.configs}
     if args.set == "prose":
         prompts = [p["ids"] for p in prose_prompts(args.prompts, args.prompt_tokens, rt.tokenizer)]
@@ -81,7 +95,8 @@ def main() -> None:
     for i, p in enumerate(prompts):
         order = names[i % len(names):] + names[:i % len(names)]
         for name in order:
-            kw = {"strategy": "speculative", "draft": configs[name]} if configs[name] else {}
+            kw = {"strategy": "speculative", "draft": configs[name], "memory": not args.no_memory} \
+                if configs[name] else {}
             rec[name].append(rt.generate([p], args.new_tokens, full, stop_tokens=[], **kw))
         plain = rec["plain"][-1].tokens
         bad = [n for n in names if rec[n][-1].tokens != plain]
@@ -107,6 +122,8 @@ def main() -> None:
                        requests_that_drafted=sum(1 for x in e if x["drafted"]),
                        switched_on=sum(x["switched_on"] for x in e), switched_off=sum(x["switched_off"] for x in e),
                        depth_moves=sum(x["depth_moves"] for x in e),
+                       skip_trials=sum(x["skip_trials"] for x in e), skip_moves=sum(x["skip_moves"] for x in e),
+                       final_draft_layers=_counts(e),
                        final_depths={str(d): sum(1 for x in e if x["final_depth"] == d)
                                      for d in sorted({x["final_depth"] for x in e})})
         rows[name] = row
@@ -114,7 +131,7 @@ def main() -> None:
     result = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv),
               "machine": f"{platform.machine()}, 1 thread, CPU ONNX Runtime, 2 cores shared (run under quiet.sh)",
               "set": args.set, "prompts": len(prompts), "prompt_tokens": args.prompt_tokens,
-              "new_tokens": args.new_tokens, "wall_s": round(wall, 1),
+              "new_tokens": args.new_tokens, "memory": not args.no_memory, "wall_s": round(wall, 1),
               "draft_plan": {"file": str(args.plan), "calibration": plan.calibration.get("chosen"),
                              "vocabulary": plan.calibration.get("vocabulary")}, "runs": rows}
     if args.out:

@@ -28,6 +28,10 @@ def register(sub) -> None:
     p.add_argument("--draft-k", type=int, help="tokens drafted per round (the maximum when adaptive; default: the "
                                                "plan's draft k, else 4)")
     p.add_argument("--no-adaptive", action="store_true", help="keep the draft length fixed and never switch off")
+    p.add_argument("--search-budget", type=float, help="share of the plan's cost the online skip-set search may "
+                   "spend, in (0, 1] (default 0.03)")
+    p.add_argument("--no-search", action="store_true", help="keep the draft's layers: no online depth or skip-set "
+                                                             "search")
     p.add_argument("--controller", choices=("prompt", "fixed", "oracle"), default="prompt",
                    help="per-sequence: how the rung is chosen")
     p.add_argument("--rung", type=int, default=-1, help="per-sequence fixed controller: the rung (0 = smallest)")
@@ -83,9 +87,11 @@ def _strategy_options(args, plan) -> dict:
         layers = args.draft_layers or (base.layers if base else None)
         k = args.draft_k if args.draft_k is not None else (base.k if base else 4)
         adaptive = (base.adaptive if base else True) and not args.no_adaptive
+        search = False if args.no_search else args.search_budget
         if not layers:
-            return {"draft": None}
-        return {"draft": replace(base, layers=layers, k=k, adaptive=adaptive) if base else Draft(layers, k, adaptive)}
+            return {"draft": None, "search": search}
+        draft = replace(base, layers=layers, k=k, adaptive=adaptive) if base else Draft(layers, k, adaptive)
+        return {"draft": draft, "search": search}
     if args.strategy == "per-sequence":
         return {"controller": args.controller, "rung": args.rung, "threshold": args.threshold}
     return {}

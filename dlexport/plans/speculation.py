@@ -110,13 +110,15 @@ def speculation(o, export_dir, fit_ids: torch.Tensor, held_ids: torch.Tensor, *,
 
 def timed(rt, draft: Draft, prompts: torch.Tensor, new_tokens: int) -> dict:
     """One interleaved run on the runtime ``rt``: per prompt plain greedy, the draft at fixed k, the draft adaptive
-    (rotating order), after a warm-up of each; decode time only (the prefill is the same work for all three)."""
+    (rotating order), after a warm-up of each; decode time only (the prefill is the same work for all three). The
+    adaptive draft learns across the run's requests as it would deployed, from a fresh start."""
     plan = Plan.full(rt.manifest)
     configs = {"plain": {}, "fixed": {"strategy": "speculative", "draft": draft},
                "adaptive": {"strategy": "speculative", "draft": replace(draft, adaptive=True)}}
     names = list(configs)
     for kw in configs.values():
         rt.generate([prompts[0].tolist()], 2, plan, stop_tokens=[], **kw)
+    rt.speculators.clear()  # what the warm-up (or another text kind's run) learned
     runs = {n: [] for n in names}
     for i, p in enumerate(prompts.tolist()):
         for name in names[i % 3:] + names[:i % 3]:

@@ -17,7 +17,14 @@ from pathlib import Path
 import torch
 
 from .. import checks
-from ..contract import PAST_LENGTH, past_key_name, past_value_name, present_key_name, present_value_name
+from ..contract import (
+    PAST_LENGTH,
+    hidden_tap_name,
+    past_key_name,
+    past_value_name,
+    present_key_name,
+    present_value_name,
+)
 from ..engines import open_engines, open_group
 from ..engines.base import TORCH_DTYPES, Engine
 from ..engines.threads import resolve_threads
@@ -66,6 +73,7 @@ class Runtime:
         self.grouping = False  # layer groups for each request's plan are opened on its first use (export folders)
         self._groups: dict[int, list[Engine]] = {}  # first layer -> the groups starting there, longest first
         self._grouping_lock = threading.Lock()
+        self.speculators: dict = {}  # (plan layers, draft, search) -> the last request's Speculator (its learning)
         for e in engines.values():
             if e.layers:
                 self._add_group(e)
@@ -262,12 +270,16 @@ class Runtime:
         return self.logits(hidden_last, timings)[:, -1]
 
     def exit_head(self, layer: int, hidden_last: torch.Tensor, policy=None, timings: dict | None = None) -> torch.Tensor:
-        """The head at an exit after ``layer``: through the policy's calibrated adapter there, when it has one."""
+        """[batch, 1, hidden] -> [batch, vocab]: the head at an exit after ``layer`` (``exit_logits``)."""
+        return self.exit_logits(layer, hidden_last, policy, timings)[:, -1]
+
+    def exit_logits(self, layer: int, hidden: torch.Tensor, policy=None, timings: dict | None = None) -> torch.Tensor:
+        """[batch, tokens, vocab]: the head after ``layer``, through the policy's calibrated adapter there, if any."""
         path = policy.adapter_path(layer) if policy is not None else None
         if path is not None:
-            out = self._adapter(path).run({"hidden_states": hidden_last.float().contiguous()})
-            hidden_last = out["hidden_states_out"].to(self.dtype)
-        return self.head(hidden_last, timings)
+            out = self._adapter(path).run({"hidden_states": hidden.float().contiguous()})
+            hidden = out["hidden_states_out"].to(self.dtype)
+        return self.logits(hidden, timings)
 
     def _adapter(self, path: Path) -> Engine:
         """Adapters (fp32 ONNX, hidden -> hidden) open on first use, next to the other engines."""
@@ -302,11 +314,13 @@ class Runtime:
         seg.hidden = out["hidden_states_out"]
 
     def run_layers(self, seg: Segment, layers, cache: KVCache, *, pending: list[Segment] | None = None,
-                   exit_policy=None, start: int = 0, timings: dict | None = None
+                   exit_policy=None, start: int = 0, timings: dict | None = None, taps: dict | None = None
                    ) -> tuple[torch.Tensor | None, int | None, int]:
         """Run ``layers[start:]`` on ``seg``; return (exit logits or None, exit layer, layers run).
 
         Pending segments (earlier tokens that exited) join before the first layer they have not been through.
+        ``taps``: depths d (start < d < len(layers)) whose hidden states, after ``layers[:d]``, are put in it on the
+        way (read from a group's tap outputs; each valid until its engine's next call).
         """
         pending = pending if pending is not None else []
         exits = set(exit_policy.layers) if exit_policy else set()
@@ -320,7 +334,11 @@ class Runtime:
                 self.layer(layers[k], seg, cache, timings)
             else:
                 last = k + len(group.layers) - 1
-                self.group(group, seg, cache, timings)
+                out = self.group(group, seg, cache, timings)
+                if taps:
+                    taps.update((d, out[hidden_tap_name(d - k)]) for d in taps if k < d <= last)
+            if taps and last + 1 in taps:
+                taps[last + 1] = seg.hidden
             seg.frontier = last
             if layers[last] in exits and last + 1 >= exit_policy.min_depth and last + 1 < len(layers):
                 logits = self.exit_head(layers[last], seg.hidden[:, -1:], exit_policy, timings)
@@ -342,8 +360,9 @@ class Runtime:
                 return group
         return None
 
-    def group(self, group: Engine, seg: Segment, cache: KVCache, timings: dict | None = None) -> None:
-        """A layer group on ``seg``'s new positions: every layer's KV buffer bound as its past and present."""
+    def group(self, group: Engine, seg: Segment, cache: KVCache, timings: dict | None = None) -> dict:
+        """A layer group on ``seg``'s new positions: every layer's KV buffer bound as its past and present.
+        Returns its outputs (the taps between its layers among them)."""
         first = group.layers[0]
         tokens, length = seg.hidden.shape[1], cache.length[first]
         feeds = {"hidden_states": seg.hidden, "attention_mask": cache.filled_mask(length, tokens, self.windows[first]),
@@ -353,9 +372,11 @@ class Runtime:
         for i in group.layers:
             past_k, past_v, present_k, present_v = self._kv_names[i]
             feeds[past_k], feeds[past_v] = out[present_k], out[present_v] = cache.key[i], cache.value[i]
-        seg.hidden = self.call(group.name, feeds, out, timings)["hidden_states_out"]
+        out = self.call(group.name, feeds, out, timings)
+        seg.hidden = out["hidden_states_out"]
         for i in group.layers:
             cache.length[i] = length + tokens
+        return out
 
 
 def _token_ids(row, vocab: int, what: str) -> list[int]:
@@ -391,4 +412,4 @@ def _strategy(name: str, runtime: Runtime, plan: Plan, sampling: Sampling, optio
     return PerSequence(runtime, plan, sampling, **options)
 
 
-_OPTIONS = {"speculative": {"draft", "search"}, "per-sequence": {"controller", "rung", "threshold"}}
+_OPTIONS = {"speculative": {"draft", "search", "memory"}, "per-sequence": {"controller", "rung", "threshold"}}

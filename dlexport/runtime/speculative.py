@@ -4,14 +4,16 @@ A round starts with every plan layer caching positions < t and x_t, the last emi
 
 1. Draft: k one-token steps through the draft layers and the exit head (with the plan's calibrated
    adapter at the draft's last layer, when it has one) give d_1..d_k (q_1..q_k when sampling).
-2. Verify: [x_t, d_1..d_k] run through the plan's layers as k+1 new tokens, giving p_0..p_k. The first s plan
-   layers that the draft shares as a prefix already hold exact key/values for x_t..d_{k-1}, and the draft kept
-   their hidden states, so only d_k still goes through them.
+2. Verify: [x_t, d_1..d_k] run through every plan layer as k+1 new tokens in one pass, giving p_0..p_k, and
+   rewrite the key/values the draft wrote. Where the plan's layers are one run that pass is one layer-group call,
+   whose tap outputs also give the hidden state at any depth the online depth search scores. (Keeping the shared
+   prefix's key/values and hidden states from the draft would save its layers for k tokens but split the pass in
+   two sessions; on a memory-bound decode k+1 tokens cost little more than one.)
 3. Accept the longest prefix d_1..d_j every row agrees with, emit it plus one more token per row (the correction,
    or the bonus token when all k agree), and roll every layer back to t+j+1 by moving its length.
 
-One cache serves both: draft layers past the shared prefix write provisional key/values for the drafted positions
-into the plan's buffers, and verification overwrites them. A skip-set draft thus attends to the full plan's
+One cache serves both: draft layers write provisional key/values for the drafted positions into the plan's
+buffers, and verification overwrites them. A skip-set draft thus attends to the full plan's
 key/values of the accepted history (as in Draft & Verify), needs no second cache and never catches up.
 
 Greedy rounds emit argmax p_i, so the output is plain greedy decoding's. Sampling accepts d_i with probability
@@ -34,7 +36,7 @@ from .. import checks
 from .decode import Strategy
 from .plan import Draft, Plan, PlanError, check_draft_head
 from .sampling import Sampling, probabilities
-from .state import DecodeState, Segment, StepStats
+from .state import DecodeState, StepStats
 
 
 # -- the acceptance step (pure, tested on fixed distributions) -----------------------------------------------------
@@ -88,8 +90,10 @@ def _mean_layer_size(manifest) -> float:
 # What the weight sizes leave out, in layer units, fitted on SmolLM2-135M (CPU, 1 thread): a prefix-1 draft with a
 # 821-token head at 11% acceptance predicted 1.08x from weights alone and ran at 0.99x. Each drafted token also pays
 # an embed call and engine-call overheads (DRAFT_OVERHEAD), and each extra verified position makes the
-# verification pass dearer (VERIFY_EXTRA, a fraction of the plan's cost).
-DRAFT_OVERHEAD, VERIFY_EXTRA = 1.0, 0.05
+# verification pass dearer (VERIFY_EXTRA, a fraction of the plan's cost). A shadow probe pays the draft-head call and
+# its bookkeeping (PROBE_OVERHEAD): with every step probing, SmolLM2 ran 2.7% (one depth) and 4.6% (three depths)
+# slower than plain, 1.0 and 1.8 layer units, against 0.13 and 0.4 from the head's weights.
+DRAFT_OVERHEAD, VERIFY_EXTRA, PROBE_OVERHEAD = 1.0, 0.05, 1.0
 
 
 def expected_speedup(k: int, alpha: float, draft_cost: float, plan_cost: float, overhead: float = 0.0,
@@ -102,6 +106,91 @@ def expected_speedup(k: int, alpha: float, draft_cost: float, plan_cost: float, 
     """
     tokens = k + 1 if alpha >= 1.0 else (1 - alpha ** (k + 1)) / (1 - alpha)
     return tokens * plan_cost / (k * (draft_cost + overhead) + plan_cost * (1 + verify_extra * k))
+
+
+@dataclass
+class SkipSearch:
+    """Online skip-set search for a skip-set draft (SWIFT-style), at a bounded cost.
+
+    Every ``interval`` tokens the current set and one neighbour (a layer dropped or added, in turn, drawn by its
+    own seeded generator so sampling's random stream is untouched) are scored teacher-forced on the last
+    ``window`` generated positions: each runs them through its layers on the plan's key/values of the history,
+    and its head token is compared with the token the plan emitted next. The two are scored on the same
+    positions, so the comparison is paired; the neighbour is adopted when its predicted speedup beats the
+    current set's. The interval keeps the scoring under ``budget`` of the plan's cost and doubles after each
+    trial that finds nothing better (up to ``max_interval``). The output is unchanged: verification decides
+    every token, and the key/values the scoring overwrites are restored.
+    """
+
+    layers: tuple[int, ...]
+    plan_order: tuple[int, ...]
+    set_cost: object  # layer set -> its draft cost per token (layers + draft head), in layer units
+    gain: object  # (acceptance, draft cost) -> best predicted speedup
+    plan_cost: float
+    budget: float = 0.03
+    window: int = 8
+    max_interval: int = 256
+    decay: float = 0.7
+    margin: float = 1.02
+    seed: int = 0
+    trials: int = 0
+    moves: int = 0
+
+    def __post_init__(self):
+        import random
+
+        self.evidence: dict[tuple[int, ...], list[float]] = {}  # set -> decayed [hits, misses] of its trials
+        self.rng = random.Random(self.seed)
+        self.neighbour = self.propose()
+        self.base_interval = self.interval = self._interval()
+        self.next_trial = max(self.window + 1, self.interval)
+
+    def _interval(self) -> int:
+        """Tokens between trials that keep them under ``budget`` of the plan's cost."""
+        if self.neighbour is None:
+            return self.max_interval
+        return max(1, math.ceil(self.trial_cost() / (self.budget * self.plan_cost)))
+
+    def trial_cost(self) -> float:
+        return (self.set_cost(self.layers) + self.set_cost(self.neighbour)) * (1 + VERIFY_EXTRA * self.window)
+
+    def due(self, n: int) -> bool:
+        """A trial at token index ``n``: scheduled, and ``window`` generated positions to score it on."""
+        return self.neighbour is not None and n >= self.next_trial and n > self.window
+
+    def propose(self) -> tuple[int, ...] | None:
+        """The next neighbour: the current set with one layer dropped or one plan layer added (alternately)."""
+        drop = self.trials % 2 == 0
+        options = ([tuple(x for x in self.layers if x != i) for i in self.layers] if len(self.layers) > 1 else [])
+        adds = [tuple(x for x in self.plan_order if x in self.layers or x == i) for i in self.plan_order
+                if i not in self.layers]
+        adds = [a for a in adds if len(a) < len(self.plan_order)]  # the whole plan is no draft
+        pool = (options if drop else adds) or options or adds
+        return self.rng.choice(pool) if pool else None
+
+    def alpha(self, layers) -> float:
+        h, m = self.evidence.get(layers, (0.0, 0.0))
+        return (h + 0.5) / (h + m + 1.0)
+
+    def value(self, layers) -> float:
+        return self.gain(self.alpha(layers), self.set_cost(layers))
+
+    def scored(self, n: int, hits: dict[tuple[int, ...], float], positions: int) -> tuple[int, ...] | None:
+        """Record a trial at token index ``n`` (hits per set out of ``positions``); return the set to move to."""
+        self.trials += 1
+        for layers, h in hits.items():
+            e = self.evidence.setdefault(layers, [0.0, 0.0])
+            e[0], e[1] = e[0] * self.decay + h, e[1] * self.decay + positions - h
+        better = self.value(self.neighbour) > self.value(self.layers) * self.margin
+        moved = self.neighbour if better else None
+        if better:
+            self.layers, self.moves = self.neighbour, self.moves + 1
+        self.neighbour = self.propose()
+        self.base_interval = self._interval()
+        self.interval = self.base_interval if better else min(max(self.interval, self.base_interval) * 2,
+                                                              self.max_interval)
+        self.next_trial = n + self.interval
+        return moved
 
 
 @dataclass
@@ -154,6 +243,7 @@ class Speculator:
     off_message: str = ""
     overhead: float = DRAFT_OVERHEAD
     verify_extra: float = VERIFY_EXTRA
+    probe_overhead: float = PROBE_OVERHEAD
     head_cost: float = 0.0  # the draft head alone
     prefix_costs: tuple = ()  # cost of the plan's first d layers, for every d (depth search)
     candidates: tuple = ()  # prefix depths the online search scores (empty: no search)
@@ -161,13 +251,16 @@ class Speculator:
     min_evidence: float = 3.0  # decayed observations a depth needs before the draft may move there
     depth_moves: int = 0
     plan_order: tuple = ()  # the plan's layers (a prefix of them is the draft)
+    layer_cost: dict | None = None  # per layer, in layer units (what a moved draft costs)
+    skip: SkipSearch | None = None  # the online skip-set search (adaptive skip-set drafts)
 
     def __post_init__(self):
+        self.seen = 0  # the token index of the last step (what a resuming request's schedule continues from)
         self.k = 0 if self.adaptive else self.k_max
         self.evidence = {d: [0.0, 0.0] for d in self.candidates}  # depth -> decayed [hits, misses]
         self._turn = 0
-        per_probe = self.head_cost * self.search_per_step if self.candidates else 0.0
-        self.probe_cost += per_probe
+        if self.shadow:
+            self.probe_cost += self.probe_overhead + (self.head_cost * self.search_per_step if self.candidates else 0.0)
         self.base_interval = self.interval = max(1, math.ceil(self.probe_cost / (self.probe_budget * self.plan_cost)))
 
     def gain(self, k: int, alpha: float, draft_cost: float | None = None) -> float:
@@ -192,7 +285,7 @@ class Speculator:
         h, m = self.evidence[depth]
         alpha = (h + 0.5) / (h + m + 1.0)
         cost = self.prefix_costs[depth] + self.head_cost
-        return max(self.gain(n, alpha, cost) for n in range(1, self.k_max + 1))
+        return self.best_gain(alpha, cost)
 
     def _sync_depth(self) -> None:
         """Record the current depth's evidence, then move to the best scored depth."""
@@ -207,10 +300,59 @@ class Speculator:
         ok = [d for d in self.candidates if sum(self.evidence[d]) >= self.min_evidence or d == current]
         best = max(ok, key=self._depth_gain)
         if best != current and self._depth_gain(best) > self._depth_gain(current) * 1.02:
-            self.layers, self.shared = tuple(self.plan_order[:best]), best
-            self.draft_cost = self.prefix_costs[best] + self.head_cost
+            self._to_depth(best)
             self.hits, self.misses = self.evidence[best]
             self.depth_moves += 1
+
+    def _to_depth(self, depth: int) -> None:
+        self.layers, self.shared = tuple(self.plan_order[:depth]), depth
+        self.draft_cost = self.prefix_costs[depth] + self.head_cost
+
+    def set_cost(self, layers) -> float:
+        """A draft through ``layers`` and the draft head, per token."""
+        return sum(self.layer_cost[i] for i in layers) + self.head_cost
+
+    def best_gain(self, alpha: float, draft_cost: float) -> float:
+        return max(self.gain(n, alpha, draft_cost) for n in range(1, self.k_max + 1))
+
+    def move_to(self, layers: tuple[int, ...]) -> None:
+        """Draft with another layer set (a skip-set search move), its trial evidence the acceptance estimate."""
+        self.layers, self.shared = layers, 0
+        while self.shared < len(layers) and layers[self.shared] == self.plan_order[self.shared]:
+            self.shared += 1
+        self.draft_cost = self.probe_cost = self.set_cost(layers)
+        if self.shadow:
+            self.probe_cost = self.head_cost + self.probe_overhead
+        self.base_interval = max(1, math.ceil(self.probe_cost / (self.probe_budget * self.plan_cost)))
+        self.hits, self.misses = self.skip.evidence.get(layers, (0.0, 0.0))
+        self._decide()
+
+    def resume(self, prior: "Speculator") -> None:
+        """Start from what an earlier request with the same plan and draft learned: its draft layers, its decayed
+        acceptance evidence (per depth, per skip set) and its probe and trial intervals, so that a stream of
+        requests converges once instead of every request probing from scratch. The draft still starts switched off
+        unless that evidence predicts a gain."""
+        self.evidence = {d: list(e) for d, e in list(prior.evidence.items())}
+        if self.skip is not None and prior.skip is not None:
+            self.skip.evidence = {s: list(e) for s, e in list(prior.skip.evidence.items())}
+            self.skip.layers, self.skip.interval = prior.skip.layers, prior.skip.interval
+            self.skip.neighbour = self.skip.propose()
+            self.skip.next_trial = max(self.skip.window + 1, prior.skip.next_trial - prior.seen - 1)
+        if prior.layers != self.layers and self.skip is not None:
+            self.move_to(prior.layers)
+        elif prior.layers != self.layers:
+            self._to_depth(len(prior.layers))
+        self.hits, self.misses = prior.hits, prior.misses
+        self.interval, self.next_probe = prior.interval, max(0, prior.next_probe - prior.seen - 1)
+        if self.adaptive:
+            self._decide()
+
+    def blocks(self) -> list[tuple[int, ...]]:
+        """The plan's layers a draft may run as its prefix, cut at the shared prefix and at every depth the search
+        may move the draft to: each block runs as one layer group, so a draft at any of those depths is a chain of
+        whole blocks (a block boundary costs about 0.3% of a step on SmolLM2; the same layers one by one, 10%)."""
+        cuts = sorted({0, self.shared, *self.candidates})
+        return [self.plan_order[a:b] for a, b in zip(cuts, cuts[1:])]
 
     @property
     def shadow(self) -> bool:
@@ -220,7 +362,9 @@ class Speculator:
     @classmethod
     def for_plan(cls, runtime, plan: Plan, draft: Draft, head_cost: float | None = None,
                  search: bool | None = None) -> Speculator:
-        """``search``: online depth search; None: when the draft is an adaptive prefix and scoring is cheap."""
+        """``search``: the online search of an adaptive draft (a prefix draft's depth, a skip set's layers); None:
+        a prefix draft's when scoring depths is cheap, every skip-set draft's; a number: the skip-set search's
+        budget (``SkipSearch.budget``)."""
         missing = sorted(set(draft.layers) - set(plan.layers))
         if missing:
             raise PlanError(f"draft layers {missing} are not in the plan's layers; a self-speculative draft uses a "
@@ -245,9 +389,14 @@ class Speculator:
         if (cheap if search is None else search) and prefix and draft.adaptive and n > 2:
             candidates = tuple(sorted({1, 2, len(draft.layers)} | {max(1, round(n * f)) for f in
                                                                   (0.25, 0.5, 0.7, 0.8, 0.9)} - {n}))
-        return cls(tuple(draft.layers), shared, draft.k, draft.adaptive, draft_cost, plan_cost, n,
+        spec = cls(tuple(draft.layers), shared, draft.k, draft.adaptive, draft_cost, plan_cost, n,
                    probe_cost=head_cost if prefix else draft_cost, head_cost=head_cost,
-                   prefix_costs=tuple(prefix_costs), candidates=candidates, plan_order=tuple(plan.layers))
+                   prefix_costs=tuple(prefix_costs), candidates=candidates, plan_order=tuple(plan.layers),
+                   layer_cost=layer_cost)
+        if (search is not False) and not prefix and draft.adaptive:
+            budget = {} if search is None or search is True else {"budget": search}
+            spec.skip = SkipSearch(spec.layers, spec.plan_order, spec.set_cost, spec.best_gain, plan_cost, **budget)
+        return spec
 
     @property
     def alpha(self) -> float:
@@ -256,6 +405,7 @@ class Speculator:
 
     def next_k(self, n: int, remaining: int) -> int:
         """Draft length for the next step at token index ``n``: 0 for a plain step (or a shadow probe)."""
+        self.seen = n
         if remaining <= 1:
             return 0
         if not self.k and self.adaptive and not self.shadow and self.probe_due(n):
@@ -327,6 +477,7 @@ class Speculator:
                 "expected_speedup_at_measured_acceptance": self.gain(max(self.k, 1), self.alpha)
                 if self.drafted else None, "final_depth": len(self.layers), "depth_moves": self.depth_moves,
                 "depths_scored": {d: round((e[0] + .5) / (sum(e) + 1), 3) for d, e in self.evidence.items() if sum(e)},
+                "skip_trials": self.skip.trials if self.skip else 0, "skip_moves": self.skip.moves if self.skip else 0,
                 "probes": self.probes, "probe_acceptance": self.probe_hits / self.probes if self.probes else None,
                 "shadow_probes": self.shadow, "probe_cost": self.probe_cost, "switched_on": self.switched_on,
                 "switched_off": self.switched_off, "off_message": self.off_message}
@@ -372,7 +523,9 @@ class Speculative(Strategy):
 
     name = "speculative"
 
-    def __init__(self, runtime, plan: Plan, draft: Draft | None = None, search: bool | None = None):
+    def __init__(self, runtime, plan: Plan, draft: Draft | None = None, search: bool | None = None,
+                 memory: bool = True):
+        """``memory``: start from what the last request with this plan and draft learned (``Speculator.resume``)."""
         draft = draft or plan.draft
         if draft is None:
             raise PlanError("strategy 'speculative' needs draft layers: give the plan a 'draft' entry or pass "
@@ -386,12 +539,20 @@ class Speculative(Strategy):
             check_draft_head(draft)
             self.head = DraftHead(runtime, draft.head_path())
             head_cost = self.head.size / _mean_layer_size(runtime.manifest)
-        if search is not None and not isinstance(search, bool):
-            raise PlanError(f"search must be True, False or None (automatic), got {search!r}")
+        if not (search is None or isinstance(search, bool) or (isinstance(search, float) and 0 < search <= 1)):
+            raise PlanError(f"search must be True, False, None (automatic) or a skip-set search budget in (0, 1] "
+                            f"(a share of the plan's cost), got {search!r}")
+        if not isinstance(memory, bool):
+            raise PlanError(f"memory must be True or False, got {memory!r}")
         self.spec = Speculator.for_plan(runtime, plan, draft, head_cost, search)
-        s = self.spec  # its draft's runs and the verification's rest run as layer groups too (runtime.open_groups)
-        for layers in (plan.layers[:s.shared], s.layers[s.shared:], plan.layers[s.shared:]):
-            runtime.open_groups(layers)
+        if memory:  # without it a request neither reads nor leaves what requests learn
+            key = (tuple(plan.layers), draft, search)
+            if key in runtime.speculators:
+                self.spec.resume(runtime.speculators[key])
+            runtime.speculators[key] = self.spec
+        for block in self.spec.blocks():  # the draft's runs as groups (verification runs the plan's)
+            runtime.open_groups(block)
+        runtime.open_groups(self.spec.layers[self.spec.shared:])
 
     def stats(self) -> dict:
         return self.spec.stats()
@@ -399,6 +560,8 @@ class Speculative(Strategy):
     def step(self, state: DecodeState) -> tuple[torch.Tensor, StepStats]:
         """One round: the tokens to emit [B, j+1] and the decoder layers run per emitted token."""
         spec = self.spec
+        if spec.skip is not None and spec.skip.due(state.n):
+            self._trial(state)
         k = spec.next_k(state.n, state.max_new_tokens - state.n)
         if not k:
             if spec.shadow and spec.probe_due(state.n):
@@ -407,19 +570,13 @@ class Speculative(Strategy):
             return super().step(state)  # exactly the plain step: a switched-off draft costs nothing
         cache, plan, t = state.cache, state.plan, state.slot
         cache.new_step()
-        kept, draft, q = self._draft(state, k)
-        seg = state.embed(draft[:, -1:], state.positions(t + k))
-        state.run_layers(seg, plan.layers[:spec.shared])
-        for i in spec.layers[spec.shared:]:
+        draft, q = self._draft(state, k)
+        for i in plan.layers:  # verification writes every position over the draft's provisional key/values
             cache.rollback(i, t)
-        seg = Segment.cat(kept + [seg])
-        deeper, ran = {}, spec.shared
-        if self.head is not None:  # depth search: deeper prefix drafts scored on the verification's own states
-            for d in sorted(d for d in spec.scored_depths() if d > spec.shared):
-                state.run_layers(seg, plan.layers[:d], start=ran)
-                ran = d
-                deeper[d] = self.head.logits(seg.hidden, state.timings)
-        state.run_layers(seg, plan.layers, start=ran)
+        seg = state.embed(draft, state.positions(t, k + 1))
+        taps = dict.fromkeys(spec.scored_depths())  # the depth search: other prefix drafts scored on the way
+        state.run_layers(seg, plan.layers, taps=taps)
+        deeper = self._tapped_logits(state, taps)
         logits = state.logits(seg.hidden)
         outcome, accepted = accept(draft[:, 1:], logits, q, state.sampling, state.generator)
         j = int((accepted | state.done[:, None]).long().cumprod(1).sum(1).min())  # stopped rows never hold back
@@ -444,12 +601,9 @@ class Speculative(Strategy):
         state.cache.new_step()
         seg = state.embed(state.last_tokens(), state.positions(state.slot))
         current = len(spec.layers)
-        drafts, ran = {}, 0
-        for d in sorted({current, *spec.scored_depths()}):
-            state.run_layers(seg, plan.layers[:d], start=ran)
-            ran = d
-            drafts[d] = self.draft_logits(state, seg.hidden[:, -1:], plan.layers[d - 1])
-        state.run_layers(seg, plan.layers, start=ran)
+        taps = dict.fromkeys({current, *spec.scored_depths()})
+        state.run_layers(seg, plan.layers, taps=taps)  # one pass of the plan, read at each depth on the way
+        drafts = {d: x[:, -1] for d, x in self._tapped_logits(state, taps).items()}
         state.slot += 1
         logits = state.logits(seg.hidden[:, -1:])[:, -1]
         tokens = self.pick(state, logits)
@@ -461,6 +615,39 @@ class Speculative(Strategy):
         spec.plain()
         spec.probed(state.n, hits[current])
         return tokens, StepStats(len(plan.layers), None)
+
+    def _trial(self, state: DecodeState) -> None:
+        """Score the skip-set search's current set and neighbour on the last ``window`` generated positions.
+
+        Each set runs those tokens teacher-forced through its layers (every layer rolled back to the window's start,
+        so it attends to the plan's key/values before it and writes its own over the window), and its draft head's
+        token at each position is compared with the token the plan emitted next. The plan's key/values of the
+        window are saved before and restored after, so the request goes on exactly as if nothing had run.
+        """
+        spec, search, cache, t = self.spec, self.spec.skip, state.cache, state.slot
+        w, n = search.window, state.n
+        inputs, targets = state.out[:, n - 1 - w:n - 1], state.out[:, n - w:n]
+        sets = (search.layers, search.neighbour)
+        touched = sorted(set(sets[0]) | set(sets[1]))
+        saved = {i: (cache.key[i][:, :, t - w:t].clone(), cache.value[i][:, :, t - w:t].clone()) for i in touched}
+        hits = {}
+        for layers in sets:
+            for i in layers:
+                cache.rollback(i, t - w)
+            cache.new_step()
+            seg = state.embed(inputs, state.positions(t - w, w))
+            state.run_layers(seg, layers)
+            logits = self.draft_logits(state, seg.hidden, layers[-1], every_position=True)
+            ok = (logits.argmax(-1) == targets).float()
+            hits[layers] = float(torch.where(state.done[:, None], torch.ones_like(ok), ok).prod(0).sum())
+        for i, (key, value) in saved.items():
+            cache.key[i][:, :, t - w:t].copy_(key)
+            cache.value[i][:, :, t - w:t].copy_(value)
+            cache.length[i] = t
+        cache.new_step()
+        moved = search.scored(n, hits, w)
+        if moved is not None:
+            spec.move_to(moved)
 
     @staticmethod
     def _accepts(state: DecodeState, target: torch.Tensor, tokens: torch.Tensor, draft: torch.Tensor) -> torch.Tensor:
@@ -475,30 +662,38 @@ class Speculative(Strategy):
             ok = torch.minimum(p, q).sum(-1).view(b, t)
         return torch.where(state.done[:, None], torch.ones_like(ok), ok).T
 
-    def draft_logits(self, state: DecodeState, hidden_last: torch.Tensor, layer: int | None = None) -> torch.Tensor:
-        """[B, V] draft logits after ``layer`` (default: the draft's last): the cheap draft head when the draft has
-        one, else the exit head (through the plan's calibrated adapter there, if any)."""
+    def _tapped_logits(self, state: DecodeState, taps: dict) -> dict:
+        """Draft logits [B, T, V] at each tapped depth; with the cheap head, all depths in one call (its weights
+        read once)."""
+        if self.head is None or len(taps) < 2:
+            return {d: self.draft_logits(state, h, state.plan.layers[d - 1], every_position=True)
+                    for d, h in taps.items()}
+        logits = self.head.logits(torch.cat(list(taps.values()), dim=1), state.timings)
+        return dict(zip(taps, logits.split(next(iter(taps.values())).shape[1], dim=1)))
+
+    def draft_logits(self, state: DecodeState, hidden: torch.Tensor, layer: int | None = None,
+                     every_position: bool = False) -> torch.Tensor:
+        """[B, V] draft logits after ``layer`` (default: the draft's last) at the last position of ``hidden``, or
+        [B, T, V] at ``every_position``: the cheap draft head when the draft has one, else the exit head (through
+        the plan's calibrated adapter there, if any)."""
         if self.head is not None:
-            return self.head.logits(hidden_last, state.timings)[:, -1]
-        return state.exit_logits(self.spec.layers[-1] if layer is None else layer, hidden_last)
+            logits = self.head.logits(hidden, state.timings)
+        else:
+            logits = state.exit_logits(self.spec.layers[-1] if layer is None else layer, hidden)
+        return logits if every_position else logits[:, -1]
 
     def _draft(self, state: DecodeState, k: int):
-        """k one-token draft steps from the last emitted token.
-
-        Returns (kept: per step the segment after the shared prefix, tokens [B, k+1] = last emitted then d_1..d_k,
-        q: draft probabilities [B, k, V] when sampling, else None).
-        """
+        """k one-token draft steps from the last emitted token: (tokens [B, k+1] = the last emitted then d_1..d_k,
+        q: the draft's probabilities [B, k, V] when sampling, else None)."""
         spec, t = self.spec, state.slot
-        tokens, kept, qs = [state.last_tokens()], [], []
+        tokens, qs = [state.last_tokens()], []
         for i in range(k):
             seg = state.embed(tokens[-1], state.positions(t + i))
-            state.run_layers(seg, spec.layers[:spec.shared])
-            kept.append(seg.clone())
-            state.run_layers(seg, spec.layers, start=spec.shared)
+            state.run_layers(seg, spec.layers)
             logits = self.draft_logits(state, seg.hidden[:, -1:])
             if state.sampling.greedy:
                 tokens.append(logits.argmax(-1, keepdim=True))
             else:
                 qs.append(probabilities(logits, state.sampling))
                 tokens.append(torch.multinomial(qs[-1], 1, generator=state.generator))
-        return kept, torch.cat(tokens, dim=1), torch.stack(qs, dim=1) if qs else None
+        return torch.cat(tokens, dim=1), torch.stack(qs, dim=1) if qs else None

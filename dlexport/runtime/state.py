@@ -115,9 +115,9 @@ class DecodeState:
         """The head at every position of ``hidden``: [B, T, V]."""
         return self.runtime.logits(hidden, self.timings)
 
-    def exit_logits(self, layer: int, hidden_last: torch.Tensor) -> torch.Tensor:
-        """[B, V] at an exit after ``layer``, through the plan's calibrated adapter there when it has one."""
-        return self.runtime.exit_head(layer, hidden_last, self.plan.exit, self.timings)
+    def exit_logits(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, T, V] at an exit after ``layer``, through the plan's calibrated adapter there when it has one."""
+        return self.runtime.exit_logits(layer, hidden, self.plan.exit, self.timings)
 
     def prefill(self, every_position: bool = False) -> torch.Tensor:
         """Run the whole prompt through the plan; return the last position's logits [B, V], or with

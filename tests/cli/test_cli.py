@@ -1,11 +1,13 @@
 """The command line: every refusal is one line on stderr and a non-zero exit, never a traceback (--debug shows it)."""
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
 
 from dlexport.cli import main, running
+from dlexport.runtime.plan import Draft
 
 
 def _error_line(capsys) -> str:
@@ -21,10 +23,20 @@ def _error_line(capsys) -> str:
     (["--temperature", "1", "--top-p", "nan"], "top_p is nan"),
     (["--strategy", "speculative", "--draft-layers", "0-1", "--draft-k", "-2"], "draft k"),
     (["--threads", "0"], "threads must be a whole number >= 1"),
+    (["--strategy", "speculative", "--draft-layers", "1,3", "--search-budget", "2"], "skip-set search budget"),
 ])
 def test_run_refusals_are_one_line(tiny_opt_export, capsys, extra, message):
     assert main(["run", str(tiny_opt_export.folder), "--prompt", "hi"] + extra) == 2
     assert message in _error_line(capsys)
+
+
+@pytest.mark.parametrize("flags, search", [([], None), (["--search-budget", "0.5"], 0.5), (["--no-search"], False)])
+def test_search_flags_reach_the_strategy(flags, search):
+    parser = argparse.ArgumentParser()
+    running.register(parser.add_subparsers())
+    args = parser.parse_args(["run", "x", "--prompt", "p", "--strategy", "speculative", "--draft-layers", "1,3",
+                              *flags])
+    assert running._strategy_options(args, None) == {"draft": Draft((1, 3), 4, True), "search": search}
 
 
 def test_a_plan_that_is_a_folder(tiny_opt_export, capsys, tmp_path):

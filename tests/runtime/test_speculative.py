@@ -11,7 +11,7 @@ from dlexport.files import sha256_file
 from dlexport.runtime import Plan, PlanError, Runtime, Sampling
 from dlexport.runtime.plan import Draft, DraftHeadRef
 from dlexport.runtime.sampling import probabilities
-from dlexport.runtime.speculative import Speculator, accept, expected_speedup
+from dlexport.runtime.speculative import SkipSearch, Speculator, accept, expected_speedup
 
 
 def _prompts(vocab: int, lengths=(9, 5), seed=0):
@@ -39,7 +39,8 @@ def test_greedy_equals_plain_greedy(tiny_runtime, draft, batch):
     plan = Plan.full(rt.manifest)
     plain = rt.generate(prompts, 24, plan, stop_tokens=[])
     for k, adaptive in [(1, False), (3, False), (4, True)]:
-        spec = rt.generate(prompts, 24, plan, stop_tokens=[], strategy="speculative", draft=Draft(draft, k, adaptive))
+        spec = rt.generate(prompts, 24, plan, stop_tokens=[], strategy="speculative", draft=Draft(draft, k, adaptive),
+                           memory=False)
         assert spec.tokens == plain.tokens, (draft, k, adaptive)
         assert spec.extra["strategy"] == "speculative"
         assert spec.extra["probes"] > 0 if adaptive else spec.extra["drafted"] > 0
@@ -76,21 +77,23 @@ def test_adaptive_stays_off_and_probes_at_a_bounded_rate(tiny_opt_export):
     plain = rt.generate(prompts, 48, plan, stop_tokens=[])
     spec = rt.generate(prompts, 48, plan, stop_tokens=[], strategy="speculative", draft=Draft((0, 1, 2), 4, True))
     assert spec.tokens == plain.tokens
-    assert spec.extra["probe_acceptance"] < 0.5 and spec.extra["final_k"] == 0, spec.extra
-    assert 3 <= spec.extra["probes"] <= 8  # at tokens 0, 2, 6, 14, 30: a handful of probes in 48 tokens
+    assert not spec.extra["switched_on"] and not spec.extra["drafted"], spec.extra
+    # a probe costs the head and a call, 1.7 of the plan's 4.7 layer-units: one per 19 tokens keeps them under 2%,
+    # with a hit followed up at once
+    assert spec.extra["probe_cost"] > 1.0 and 2 <= spec.extra["probes"] <= 5, spec.extra
     fixed = rt.generate(prompts, 48, plan, stop_tokens=[], strategy="speculative", draft=Draft((0, 1, 2), 4, False))
     assert fixed.extra["probes"] == 0 and fixed.extra["drafted"] > 40
     sampling = Sampling(temperature=1.0, seed=3)
     plain = rt.generate(prompts * 2, 48, plan, stop_tokens=[], sampling=sampling)
     spec = rt.generate(prompts * 2, 48, plan, stop_tokens=[], sampling=sampling, strategy="speculative",
-                       draft=Draft((0, 1, 2), 4, True))
+                       draft=Draft((0, 1, 2), 4, True), memory=False)
     assert spec.extra["probes"] >= 1 and not spec.extra["drafted"], spec.extra
     assert spec.tokens == plain.tokens  # never switched on: the very same tokens as plain sampling
 
 
 def test_probe_policy_backs_off_and_switches_on_and_off():
     spec = Speculator((0, 1), 2, 4, True, draft_cost=3.0, plan_cost=10.0, plan_layers=8, probe_cost=0.2,
-                      overhead=0.0, verify_extra=0.0)
+                      overhead=0.0, verify_extra=0.0, probe_overhead=0.0)
     assert spec.interval == 1 and spec.k == 0 and spec.probe_due(0)
     n, due = 0, []
     for _ in range(6):  # failed probes: the interval doubles up to the cap
@@ -120,7 +123,8 @@ def test_probe_policy_backs_off_and_switches_on_and_off():
 def test_depth_search_moves_the_draft_to_the_depth_that_pays():
     costs = tuple(0.5 * d for d in range(9))  # prefix d of an 8-layer plan costs d/2 layer-units
     spec = Speculator((0,), 1, 4, True, draft_cost=1.05, plan_cost=9.0, plan_layers=8, probe_cost=0.05,
-                      head_cost=0.05, prefix_costs=costs, candidates=(1, 2, 4, 6), plan_order=tuple(range(8)))
+                      head_cost=0.05, prefix_costs=costs, candidates=(1, 2, 4, 6), plan_order=tuple(range(8)),
+                      probe_overhead=0.0)
     assert spec.base_interval == 1
     seen, n = set(), 0
     while not spec.depth_moves and n < 8:
@@ -132,6 +136,68 @@ def test_depth_search_moves_the_draft_to_the_depth_that_pays():
     assert spec.layers == tuple(range(6)) and spec.shared == 6 and spec.depth_moves == 1
     assert spec.draft_cost == pytest.approx(3.05) and spec.k > 0  # and the draft switched on there
     assert spec.interval == 1  # moving to a depth that hits keeps probing often
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_skip_set_search_greedy_equals_plain_greedy(tiny_runtime, batch):
+    """Its trials run other layer sets over the last positions and restore the plan's key/values after."""
+    rt = tiny_runtime
+    prompts = _prompts(rt.manifest.arch["vocab_size"])[:batch]
+    plan = Plan.full(rt.manifest)
+    plain = rt.generate(prompts, 40, plan, stop_tokens=[])
+    spec = rt.generate(prompts, 40, plan, stop_tokens=[], strategy="speculative", draft=Draft((1, 3), 3, True),
+                       search=0.5, memory=False)
+    assert spec.tokens == plain.tokens and spec.extra["skip_trials"] >= 2, spec.extra
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_skip_set_search_finds_the_layers_that_agree(quiet_runtime, batch):
+    """Only layer 0 of the quiet model matters: from a draft without it the search moves to layer 0 alone."""
+    rt = quiet_runtime
+    prompts = _prompts(rt.manifest.arch["vocab_size"])[:batch]
+    plan = Plan.full(rt.manifest)
+    plain = rt.generate(prompts, 96, plan, stop_tokens=[])
+    spec = rt.generate(prompts, 96, plan, stop_tokens=[], strategy="speculative", draft=Draft((1, 2), 4, True),
+                       search=0.5, memory=False)
+    assert spec.tokens == plain.tokens
+    assert spec.extra["draft_layers"] == [0] and spec.extra["skip_moves"] >= 2, spec.extra
+    assert spec.extra["acceptance_rate"] > 0.9 and spec.extra["final_k"] == 4, spec.extra
+
+
+def test_skip_set_search_policy():
+    """Neighbours drop and add a layer in turn (never the whole plan); a better one is adopted, else it backs off."""
+    costs = {i: 1.0 for i in range(4)}
+    search = SkipSearch((1, 2), (0, 1, 2, 3), lambda s: sum(costs[i] for i in s), lambda a, c: a * 4 / (c + 1), 5.0,
+                        budget=0.5, window=4)
+    assert search.neighbour in {(1,), (2,)} and search.interval == 2  # (2 + 1) layers x 1.2 / (0.5 x 5), rounded up
+    assert not search.due(4) and search.due(5)  # and the first trial needs 4 generated positions before it
+    moved = search.scored(5, {(1, 2): 0.0, search.neighbour: 4.0}, 4)  # the neighbour agrees everywhere
+    assert moved is not None and search.layers == moved and search.moves == 1
+    assert len(search.neighbour) == 2 and search.neighbour != (0, 1, 2, 3)  # then a layer is added
+    before = search.interval
+    assert search.scored(20, {search.layers: 4.0, search.neighbour: 0.0}, 4) is None  # a worse one is not taken
+    assert search.interval == 2 * max(before, search.base_interval) and search.next_trial == 20 + search.interval
+    full = SkipSearch((0, 1, 2), (0, 1, 2, 3), lambda s: float(len(s)), lambda a, c: 1.0, 5.0)
+    for _ in range(6):
+        assert full.neighbour != (0, 1, 2, 3)
+        full.scored(100, {}, 4)
+
+
+def test_what_a_request_learns_carries_to_the_next(quiet_runtime):
+    """The next request with the same plan and draft starts where the last one ended; memory=False starts fresh."""
+    rt = quiet_runtime
+    prompts = _prompts(rt.manifest.arch["vocab_size"])[:1]
+    plan = Plan.skip(rt.manifest, (0, 1, 2, 3), name="carry")
+    plain = rt.generate(prompts, 48, plan, stop_tokens=[])
+    kw = dict(stop_tokens=[], strategy="speculative", draft=Draft((1, 2), 4, True), search=0.5)
+    first = rt.generate(prompts, 48, plan, **kw)
+    second = rt.generate(prompts, 48, plan, **kw)
+    fresh = rt.generate(prompts, 48, plan, memory=False, **kw)
+    assert first.tokens == second.tokens == fresh.tokens == plain.tokens
+    assert first.extra["draft_layers"] == [0] and first.extra["skip_moves"] >= 2
+    assert second.extra["draft_layers"] == [0] and second.extra["skip_moves"] == 0  # it started there
+    assert second.extra["probes"] == 0 and second.extra["drafted"] > first.extra["drafted"]  # and drafting at once
+    assert fresh.extra["skip_moves"] >= 2
 
 
 def test_expected_speedup():
@@ -256,3 +322,19 @@ def test_smollm2_greedy_equals_plain_greedy(smollm2_export):
         assert spec.tokens == plain.tokens, draft
         one = rt.generate(prompts[:1], 24, plan, stop_tokens=[], strategy="speculative", draft=Draft(draft, 4, False))
         assert one.tokens == plain.tokens[:1], draft
+    searched = rt.generate(prompts, 24, plan, stop_tokens=[], strategy="speculative",
+                           draft=Draft(tuple(range(0, 30, 2)), 4, True), search=0.5, memory=False)
+    assert searched.tokens == plain.tokens and searched.extra["skip_trials"] >= 2, searched.extra
+
+
+@pytest.mark.slow
+def test_smollm2_depth_search_runs_whole_blocks(smollm2_export, tmp_path):
+    """The depth search's probes read the plan's group at its taps, and its drafts are chains of whole blocks."""
+    rt = Runtime.load(smollm2_export.folder)
+    prompts = ["Permission is hereby granted, free of charge, to any person obtaining"]
+    plain = rt.generate(prompts, 24, stop_tokens=[])
+    draft = _subset_draft(rt, smollm2_export, tmp_path, (0, 1), 3, True)
+    spec = rt.generate(prompts, 24, stop_tokens=[], strategy="speculative", draft=draft, search=True, profile=True)
+    assert spec.tokens == plain.tokens and spec.extra["probes"] > 0 and spec.extra["depths_scored"]
+    singles = {name for name in spec.timings_ms if name.startswith("layer_")}
+    assert singles <= {"layer_00", "layer_01"}, singles  # the blocks from depth 2 on are groups

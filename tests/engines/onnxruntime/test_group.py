@@ -1,5 +1,6 @@
 """Layer groups: runs of consecutive in-place layers as one ONNX Runtime session give the tokens single layers give."""
 import pytest
+import torch
 
 from dlexport.engines.onnxruntime.group import runs
 from dlexport.runtime import Runtime
@@ -48,6 +49,22 @@ def test_speculative_greedy_on_groups_equals_plain(pair):
     spec = grouped.generate(PROMPTS, 16, stop_tokens=[], strategy="speculative",
                           draft=Draft((0, 1), 3, False))
     assert spec.tokens == plain.tokens and spec.extra["drafted"] > 0
+
+
+def test_a_groups_taps_are_the_hidden_states_between_its_layers(pair):
+    """A shadow probe reads the plan's hidden state at a depth from one group call instead of splitting it."""
+    taps, timings = [], []
+    for rt in pair:
+        cache = rt.new_cache(range(4), 1, 8)
+        cache.valid[:] = True
+        seg, times = rt.embed(torch.tensor([[5, 6, 7]]), torch.arange(3)[None]), {}
+        tapped = dict.fromkeys((1, 2, 3))
+        rt.run_layers(seg, list(range(4)), cache, taps=tapped, timings=times)
+        taps.append({d: h.clone() for d, h in tapped.items()})
+        timings.append(set(times) - {"embed"})
+    assert timings == [{"layers_00-03"}, {"layer_00", "layer_01", "layer_02", "layer_03"}]
+    for d in (1, 2, 3):
+        torch.testing.assert_close(taps[0][d], taps[1][d], atol=1e-5, rtol=1e-4)
 
 
 def test_portable_layers_are_never_grouped(tiny_llama_portable_export):
