@@ -37,6 +37,9 @@ from dlexport.tools.prompts import prose_prompts
 def speculative_section(rt: Runtime, configs: dict[str, Draft | None], prompts, new_tokens: int, log) -> dict:
     plan = Plan.full(rt.manifest)
     names = list(configs)
+    for draft in configs.values():  # a warm-up of each: its layer groups composed and opened, nothing learned
+        rt.generate([prompts[0]["ids"]], 2, plan, stop_tokens=[],
+                    **({"strategy": "speculative", "draft": draft, "memory": False} if draft else {}))
     records = {n: [] for n in names}
     for i, p in enumerate(prompts):
         order = names[i % len(names):] + names[:i % len(names)]

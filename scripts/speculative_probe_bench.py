@@ -3,7 +3,8 @@
     python scripts/speculative_probe_bench.py --export exports/smollm2 --plan PLAN.json \
         --set prose --prompts 60 --new-tokens 16 --out benchmarks/speculative-2026-12-01
 
-Every prompt runs plain greedy decoding and each configuration, in an order that rotates per prompt (interleaved);
+After a warm-up of each configuration (its layer groups composed and opened), every prompt runs plain greedy
+decoding and each configuration, in an order that rotates per prompt (interleaved);
 every output is checked token for token against plain greedy. Prompt sets: ``prose`` (license texts,
 dlexport.tools.prompts) and ``repetitive`` (code from the Python standard library, and prose passages whose start is
 repeated at the end, so that the continuation is a quote of the prompt). Writes <set>.json in --out.
@@ -81,22 +82,29 @@ def main() -> None:
                    "prefix12-full-head": Draft(tuple(range(12)), 4, True),
                    "prefix12-cheap-head": replace(head, layers=tuple(range(12)), k=4),
                    "calibrated": head,
+                   "calibrated-full-head": replace(head, head=None),  # what the cheap draft head changes
                    # the skip-set search from the calibration's best skip set, and from every other layer
                    "skip-search": replace(head, layers=tuple(plan.calibration["best_skip_set"]["layers"]), k=4),
-                   "half-skip-search": replace(head, layers=tuple(range(0, rt.num_layers, 2)), k=4)}
+                   "half-skip-search": replace(head, layers=tuple(range(0, rt.num_layers, 2)), k=4),
+                   "calibrated+lookup": (head, {"lookup": 3}),  # prompt lookup first, then the calibrated draft
+                   "lookup-k8": (replace(head, k=8), {"lookup": 3})}
     configs = {n: all_configs[n] for n in args.configs}
     if args.set == "prose":
         prompts = [p["ids"] for p in prose_prompts(args.prompts, args.prompt_tokens, rt.tokenizer)]
     else:
         prompts = repetitive_prompts(args.prompts, args.prompt_tokens, rt.tokenizer)
     names = list(configs)
+    for name in names:  # a warm-up of each: its layer groups composed and opened (once per process), nothing learned
+        draft, extra = configs[name] if isinstance(configs[name], tuple) else (configs[name], {})
+        kw = {"strategy": "speculative", "draft": draft, "memory": False, **extra} if draft else {}
+        rt.generate([prompts[0]], 2, full, stop_tokens=[], **kw)
     rec = {n: [] for n in names}
     t_start = time.perf_counter()
     for i, p in enumerate(prompts):
         order = names[i % len(names):] + names[:i % len(names)]
         for name in order:
-            kw = {"strategy": "speculative", "draft": configs[name], "memory": not args.no_memory} \
-                if configs[name] else {}
+            draft, extra = configs[name] if isinstance(configs[name], tuple) else (configs[name], {})
+            kw = {"strategy": "speculative", "draft": draft, "memory": not args.no_memory, **extra} if draft else {}
             rec[name].append(rt.generate([p], args.new_tokens, full, stop_tokens=[], **kw))
         plain = rec["plain"][-1].tokens
         bad = [n for n in names if rec[n][-1].tokens != plain]
@@ -110,11 +118,12 @@ def main() -> None:
         tps = sum(g.new_tokens for g in gens) / sum(g.total_s for g in gens)
         row = {"tokens_per_s": round(tps, 3), "vs_plain": round(tps / base, 4), "identical_to_plain": True}
         if configs[name]:
+            draft = configs[name][0] if isinstance(configs[name], tuple) else configs[name]
             e = [g.extra for g in gens]
             drafted, accepted = sum(x["drafted"] for x in e), sum(x["accepted"] for x in e)
             probes = sum(x["probes"] for x in e)
-            row.update(draft_layers=list(configs[name].layers), k_max=configs[name].k,
-                       draft_head=f"{configs[name].head.tokens}-token subset" if configs[name].head else "full",
+            row.update(draft_layers=list(draft.layers), k_max=draft.k,
+                       draft_head=f"{draft.head.tokens}-token subset" if draft.head else "full",
                        draft_cost=round(e[0]["draft_cost"], 3), plan_cost=round(e[0]["plan_cost"], 3),
                        drafted=drafted, acceptance=round(accepted / drafted, 4) if drafted else None,
                        probes=probes, probe_acceptance=round(sum(x["probe_acceptance"] * x["probes"] for x in e
@@ -124,6 +133,9 @@ def main() -> None:
                        depth_moves=sum(x["depth_moves"] for x in e),
                        skip_trials=sum(x["skip_trials"] for x in e), skip_moves=sum(x["skip_moves"] for x in e),
                        final_draft_layers=_counts(e),
+                       lookup_rounds=sum(x["lookup_rounds"] for x in e),
+                       lookup_acceptance=round(sum(x["lookup_accepted"] for x in e) /
+                                               max(1, sum(x["lookup_drafted"] for x in e)), 4),
                        final_depths={str(d): sum(1 for x in e if x["final_depth"] == d)
                                      for d in sorted({x["final_depth"] for x in e})})
         rows[name] = row

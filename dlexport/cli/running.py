@@ -30,6 +30,8 @@ def register(sub) -> None:
     p.add_argument("--no-adaptive", action="store_true", help="keep the draft length fixed and never switch off")
     p.add_argument("--search-budget", type=float, help="share of the plan's cost the online skip-set search may "
                    "spend, in (0, 1] (default 0.03)")
+    p.add_argument("--lookup", type=int, default=0, help="speculative: first draft by prompt lookup, matching the "
+                   "last N tokens in the request's own text (0: off; e.g. 3 for code or text that quotes itself)")
     p.add_argument("--no-search", action="store_true", help="keep the draft's layers: no online depth or skip-set "
                                                              "search")
     p.add_argument("--controller", choices=("prompt", "fixed", "oracle"), default="prompt",
@@ -87,11 +89,11 @@ def _strategy_options(args, plan) -> dict:
         layers = args.draft_layers or (base.layers if base else None)
         k = args.draft_k if args.draft_k is not None else (base.k if base else 4)
         adaptive = (base.adaptive if base else True) and not args.no_adaptive
-        search = False if args.no_search else args.search_budget
+        options = {"search": False if args.no_search else args.search_budget, "lookup": args.lookup}
         if not layers:
-            return {"draft": None, "search": search}
+            return {"draft": None, **options}
         draft = replace(base, layers=layers, k=k, adaptive=adaptive) if base else Draft(layers, k, adaptive)
-        return {"draft": draft, "search": search}
+        return {"draft": draft, **options}
     if args.strategy == "per-sequence":
         return {"controller": args.controller, "rung": args.rung, "threshold": args.threshold}
     return {}

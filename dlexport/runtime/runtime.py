@@ -412,4 +412,4 @@ def _strategy(name: str, runtime: Runtime, plan: Plan, sampling: Sampling, optio
     return PerSequence(runtime, plan, sampling, **options)
 
 
-_OPTIONS = {"speculative": {"draft", "search", "memory"}, "per-sequence": {"controller", "rung", "threshold"}}
+_OPTIONS = {"speculative": {"draft", "search", "memory", "lookup"}, "per-sequence": {"controller", "rung", "threshold"}}

@@ -23,6 +23,11 @@ A switched-off speculator runs the plain step itself (``Strategy.step``) and pro
 With a batch, rows accept the common prefix (a row's token at position i is decided before it is known whether
 the round reaches i, so truncating at another row's rejection keeps every row's distribution exact).
 Early exit is not combined with speculation: the plan's exit policy only lends its adapter to the draft head.
+
+Where drafts come from: the draft's layers (a prefix or a skip set of the plan's, through the exit head or a cheap
+draft head), moved online by the depth search (prefix drafts, ``Speculator``) or the skip-set search
+(``SkipSearch``); and, with ``lookup``, the request's own text (``Lookup``), tried first. What a request learns
+carries to the next request with the same plan and draft (``Speculator.resume``).
 """
 from __future__ import annotations
 
@@ -94,6 +99,7 @@ def _mean_layer_size(manifest) -> float:
 # its bookkeeping (PROBE_OVERHEAD): with every step probing, SmolLM2 ran 2.7% (one depth) and 4.6% (three depths)
 # slower than plain, 1.0 and 1.8 layer units, against 0.13 and 0.4 from the head's weights.
 DRAFT_OVERHEAD, VERIFY_EXTRA, PROBE_OVERHEAD = 1.0, 0.05, 1.0
+LOOKUP_K = 8  # the longest prompt-lookup draft (it costs no layers; its length follows its acceptance)
 
 
 def expected_speedup(k: int, alpha: float, draft_cost: float, plan_cost: float, overhead: float = 0.0,
@@ -194,6 +200,72 @@ class SkipSearch:
 
 
 @dataclass
+class Lookup:
+    """Prompt lookup (Saxena 2023; Hugging Face's ``prompt_lookup_num_tokens``): the draft is what followed the latest
+    earlier occurrence of the request's last ``n`` tokens in its own text (prompt and output), up to ``k`` tokens,
+    at no layer cost. It pays on text that repeats itself (code, lists, quotes of the prompt), where a layer draft of
+    a small model rarely agrees (SmolLM2-135M: 4-5% on such text). A round is tried when a match exists and the
+    acceptance estimate predicts a gain, since a failing round costs a verification of k+1 positions; otherwise at
+    most every ``interval`` tokens, which doubles after each failure (up to ``max_interval``). Its length is the one
+    the estimate predicts best, up to ``k``."""
+
+    n: int
+    k: int
+    plan_cost: float
+    verify_extra: float = VERIFY_EXTRA
+    overhead: float = DRAFT_OVERHEAD  # a round's search, bookkeeping and wider embed call, in layer units
+    decay: float = 0.95  # slow: the estimate must be able to fall below a one-token lookup's break-even
+    max_interval: int = 32
+    hits: float = 0.0
+    misses: float = 0.0
+    interval: int = 1
+    next_try: int = 0
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def alpha(self) -> float:
+        """Per-token acceptance estimate of a matched continuation, from an even prior (the first match is tried)."""
+        return (self.hits + 1.0) / (self.hits + self.misses + 2.0)
+
+    def gain(self, k: int | None = None) -> float:
+        """Tokens per cost against plain decoding for a round of ``k`` (default: the best length)."""
+        k, alpha = k or self.best_k(), self.alpha
+        tokens = (1 - alpha ** (k + 1)) / (1 - alpha)
+        return tokens * self.plan_cost / (self.plan_cost * (1 + self.verify_extra * k) + self.overhead)
+
+    def best_k(self) -> int:
+        return max(range(1, self.k + 1), key=self.gain)
+
+    def due(self, n: int) -> bool:
+        return self.gain() > 1.0 or n >= self.next_try
+
+    def continuation(self, seq: torch.Tensor, start: torch.Tensor, done: torch.Tensor, k: int) -> torch.Tensor | None:
+        """Up to ``k`` tokens [B, k'] that followed the latest earlier match of each row's last ``n`` tokens in
+        ``seq`` [B, L] (row b's text starts at ``start[b]``), or None when a row still running has no match."""
+        length, n = seq.shape[1], self.n
+        if length <= n or k < 1:
+            return None
+        windows = seq.unfold(1, n, 1)[:, :-1]  # every earlier window, the suffix itself left out
+        where = torch.arange(length - n, device=seq.device)
+        hit = (windows == seq[:, None, -n:]).all(-1) & (where >= start[:, None])
+        latest = torch.where(hit, where, -1).amax(1)
+        if not bool(((latest >= 0) | done).all()):
+            return None
+        follow = (latest + n).clamp(min=n)
+        k = min(k, int(torch.where(done, length, length - follow).min()))
+        return seq.gather(1, (follow[:, None] + torch.arange(k, device=seq.device)).clamp(max=length - 1))
+
+    def update(self, n: int, k: int, j: int) -> None:
+        """A lookup round at token index ``n`` drafted ``k`` tokens and accepted ``j``."""
+        self.rounds, self.drafted, self.accepted = self.rounds + 1, self.drafted + k, self.accepted + j
+        self.hits, self.misses = self.hits * self.decay + j, self.misses * self.decay + float(j < k)
+        self.interval = 1 if self.gain() > 1.0 else min(self.interval * 2, self.max_interval)
+        self.next_try = n + j + 1 + self.interval
+
+
+@dataclass
 class Speculator:
     """The draft's layers and the draft length policy of one request.
 
@@ -253,6 +325,7 @@ class Speculator:
     plan_order: tuple = ()  # the plan's layers (a prefix of them is the draft)
     layer_cost: dict | None = None  # per layer, in layer units (what a moved draft costs)
     skip: SkipSearch | None = None  # the online skip-set search (adaptive skip-set drafts)
+    lookup: Lookup | None = None  # prompt-lookup drafts, tried before the layer draft
 
     def __post_init__(self):
         self.seen = 0  # the token index of the last step (what a resuming request's schedule continues from)
@@ -344,6 +417,8 @@ class Speculator:
             self._to_depth(len(prior.layers))
         self.hits, self.misses = prior.hits, prior.misses
         self.interval, self.next_probe = prior.interval, max(0, prior.next_probe - prior.seen - 1)
+        if self.lookup is not None and prior.lookup is not None:
+            self.lookup.hits, self.lookup.misses = prior.lookup.hits, prior.lookup.misses
         if self.adaptive:
             self._decide()
 
@@ -425,14 +500,19 @@ class Speculator:
         self._observe(hit, 1.0 - hit)
         moves = self.depth_moves
         self._sync_depth()
-        promising = hit >= 0.5 or self.depth_moves > moves  # the draft hit, or moved to a depth that did
+        # a hit is promising when two more would predict a gain: a dear draft that agrees often but can never pay
+        # (SmolLM2's 29-layer skip set: 75% of its probes hit) backs off like a failing one
+        optimistic = (self.hits + 2.5) / (self.hits + self.misses + 3.0)
+        promising = ((hit >= 0.5 and self.best_gain(optimistic, self.draft_cost) > self.margin)
+                     or self.depth_moves > moves)  # or it moved to a depth that did
         # a promising probe is followed up at once (evidence for switching on); failures space probes out
         self.interval = 1 if promising else min(max(self.interval, self.base_interval) * 2, self.max_interval)
         self.next_probe = n + self.interval
         self._decide()
 
-    def plain(self) -> None:
-        self.verifications, self.emitted = self.verifications + 1, self.emitted + 1
+    def plain(self, tokens: int = 1) -> None:
+        """A step that drafted no layers emitted ``tokens`` (more than one: a prompt-lookup round)."""
+        self.verifications, self.emitted = self.verifications + 1, self.emitted + tokens
 
     def update(self, n: int, k: int, j: int) -> None:
         """A round at token index ``n`` drafted ``k`` tokens and accepted ``j``."""
@@ -478,6 +558,9 @@ class Speculator:
                 if self.drafted else None, "final_depth": len(self.layers), "depth_moves": self.depth_moves,
                 "depths_scored": {d: round((e[0] + .5) / (sum(e) + 1), 3) for d, e in self.evidence.items() if sum(e)},
                 "skip_trials": self.skip.trials if self.skip else 0, "skip_moves": self.skip.moves if self.skip else 0,
+                "lookup_rounds": self.lookup.rounds if self.lookup else 0,
+                "lookup_drafted": self.lookup.drafted if self.lookup else 0,
+                "lookup_accepted": self.lookup.accepted if self.lookup else 0,
                 "probes": self.probes, "probe_acceptance": self.probe_hits / self.probes if self.probes else None,
                 "shadow_probes": self.shadow, "probe_cost": self.probe_cost, "switched_on": self.switched_on,
                 "switched_off": self.switched_off, "off_message": self.off_message}
@@ -524,8 +607,9 @@ class Speculative(Strategy):
     name = "speculative"
 
     def __init__(self, runtime, plan: Plan, draft: Draft | None = None, search: bool | None = None,
-                 memory: bool = True):
-        """``memory``: start from what the last request with this plan and draft learned (``Speculator.resume``)."""
+                 memory: bool = True, lookup: int = 0):
+        """``memory``: start from what the last request with this plan and draft learned (``Speculator.resume``);
+        ``lookup``: n > 0 drafts by prompt lookup of the last n tokens first (``Lookup``), k tokens at a time."""
         draft = draft or plan.draft
         if draft is None:
             raise PlanError("strategy 'speculative' needs draft layers: give the plan a 'draft' entry or pass "
@@ -533,7 +617,7 @@ class Speculative(Strategy):
         if not isinstance(draft, Draft):
             raise PlanError(f"draft must be a Draft(layers, k, adaptive), got {type(draft).__name__}")
         checks.layer_list(draft.layers, runtime.num_layers, "draft layers")
-        self.head = None
+        self.head, self.vocab = None, runtime.manifest.arch["vocab_size"]
         head_cost = None
         if draft.head is not None:
             check_draft_head(draft)
@@ -544,9 +628,13 @@ class Speculative(Strategy):
                             f"(a share of the plan's cost), got {search!r}")
         if not isinstance(memory, bool):
             raise PlanError(f"memory must be True or False, got {memory!r}")
+        checks.integer(lookup, "lookup (the n-gram a prompt-lookup draft matches)", 0, 64,
+                       fix="give 0 (off) or the number of tokens to match, e.g. 3")
         self.spec = Speculator.for_plan(runtime, plan, draft, head_cost, search)
+        if lookup:
+            self.spec.lookup = Lookup(lookup, max(LOOKUP_K, draft.k), self.spec.plan_cost)
         if memory:  # without it a request neither reads nor leaves what requests learn
-            key = (tuple(plan.layers), draft, search)
+            key = (tuple(plan.layers), draft, search, lookup)
             if key in runtime.speculators:
                 self.spec.resume(runtime.speculators[key])
             runtime.speculators[key] = self.spec
@@ -562,15 +650,41 @@ class Speculative(Strategy):
         spec = self.spec
         if spec.skip is not None and spec.skip.due(state.n):
             self._trial(state)
+        if spec.lookup is not None and spec.lookup.due(state.n):
+            cont = spec.lookup.continuation(torch.cat([state.ids, state.out[:, :state.n]], 1), state.pad[:, 0],
+                                            state.done, min(spec.lookup.best_k(), state.max_new_tokens - state.n - 1))
+            if cont is not None:
+                return self._lookup_round(state, cont)
         k = spec.next_k(state.n, state.max_new_tokens - state.n)
         if not k:
             if spec.shadow and spec.probe_due(state.n):
                 return self._shadow_step(state)
             spec.plain()
             return super().step(state)  # exactly the plain step: a switched-off draft costs nothing
-        cache, plan, t = state.cache, state.plan, state.slot
-        cache.new_step()
+        state.cache.new_step()
         draft, q = self._draft(state, k)
+        outcome, j = self._verify(state, draft, q)
+        spec.update(state.n, k, j)
+        return outcome, StepStats((k * len(spec.layers) + len(state.plan.layers)) / (j + 1), None)
+
+    def _lookup_round(self, state: DecodeState, cont: torch.Tensor) -> tuple[torch.Tensor, StepStats]:
+        """Verify a prompt-lookup draft: its q is one-hot (a deterministic draft), so sampling accepts d with
+        probability p(d) and otherwise draws from p without d, the full plan's distribution either way."""
+        q = None
+        if not state.sampling.greedy:
+            q = torch.zeros(cont.shape + (self.vocab,), dtype=torch.float32, device=cont.device)
+            q.scatter_(-1, cont[..., None], 1.0)
+        state.cache.new_step()
+        outcome, j = self._verify(state, torch.cat([state.last_tokens(), cont], 1), q)
+        self.spec.lookup.update(state.n, cont.shape[1], j)
+        self.spec.plain(j + 1)
+        return outcome, StepStats(len(state.plan.layers) / (j + 1), None)
+
+    def _verify(self, state: DecodeState, draft: torch.Tensor, q: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        """Verify ``draft`` [B, k+1] (the last emitted token, then k drafted ones) in one pass of the plan; return
+        the tokens to emit [B, j+1] and j, the drafted tokens accepted. Every plan layer ends at t+j+1."""
+        spec, cache, plan, t = self.spec, state.cache, state.plan, state.slot
+        k = draft.shape[1] - 1
         for i in plan.layers:  # verification writes every position over the draft's provisional key/values
             cache.rollback(i, t)
         seg = state.embed(draft, state.positions(t, k + 1))
@@ -586,8 +700,7 @@ class Speculative(Strategy):
         for i in plan.layers:
             cache.rollback(i, t + j + 1)
         state.slot = t + j + 1
-        spec.update(state.n, k, j)
-        return outcome[:, :j + 1], StepStats((k * len(spec.layers) + len(plan.layers)) / (j + 1), None)
+        return outcome[:, :j + 1], j
 
     def _shadow_step(self, state: DecodeState) -> tuple[torch.Tensor, StepStats]:
         """A plain step that also scores prefix drafts on the plan's own hidden states after their prefixes.

@@ -24,19 +24,22 @@ def _error_line(capsys) -> str:
     (["--strategy", "speculative", "--draft-layers", "0-1", "--draft-k", "-2"], "draft k"),
     (["--threads", "0"], "threads must be a whole number >= 1"),
     (["--strategy", "speculative", "--draft-layers", "1,3", "--search-budget", "2"], "skip-set search budget"),
+    (["--strategy", "speculative", "--draft-layers", "1,3", "--lookup", "-1"], "lookup (the n-gram"),
 ])
 def test_run_refusals_are_one_line(tiny_opt_export, capsys, extra, message):
     assert main(["run", str(tiny_opt_export.folder), "--prompt", "hi"] + extra) == 2
     assert message in _error_line(capsys)
 
 
-@pytest.mark.parametrize("flags, search", [([], None), (["--search-budget", "0.5"], 0.5), (["--no-search"], False)])
-def test_search_flags_reach_the_strategy(flags, search):
+@pytest.mark.parametrize("flags, search, lookup", [([], None, 0), (["--search-budget", "0.5"], 0.5, 0),
+                                                   (["--no-search", "--lookup", "3"], False, 3)])
+def test_search_flags_reach_the_strategy(flags, search, lookup):
     parser = argparse.ArgumentParser()
     running.register(parser.add_subparsers())
     args = parser.parse_args(["run", "x", "--prompt", "p", "--strategy", "speculative", "--draft-layers", "1,3",
                               *flags])
-    assert running._strategy_options(args, None) == {"draft": Draft((1, 3), 4, True), "search": search}
+    assert running._strategy_options(args, None) == {"draft": Draft((1, 3), 4, True), "search": search,
+                                                     "lookup": lookup}
 
 
 def test_a_plan_that_is_a_folder(tiny_opt_export, capsys, tmp_path):

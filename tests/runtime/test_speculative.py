@@ -11,7 +11,7 @@ from dlexport.files import sha256_file
 from dlexport.runtime import Plan, PlanError, Runtime, Sampling
 from dlexport.runtime.plan import Draft, DraftHeadRef
 from dlexport.runtime.sampling import probabilities
-from dlexport.runtime.speculative import SkipSearch, Speculator, accept, expected_speedup
+from dlexport.runtime.speculative import Lookup, SkipSearch, Speculator, accept, expected_speedup
 
 
 def _prompts(vocab: int, lengths=(9, 5), seed=0):
@@ -200,6 +200,55 @@ def test_what_a_request_learns_carries_to_the_next(quiet_runtime):
     assert fresh.extra["skip_moves"] >= 2
 
 
+def _periodic(batch: int) -> list[list[int]]:
+    return [[5, 6, 7, 8] * 4 + [5, 6], [9, 10, 11] * 4 + [9]][:batch]  # text that repeats: lookups find matches
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_lookup_greedy_equals_plain_greedy(tiny_runtime, batch):
+    rt = tiny_runtime
+    plan = Plan.full(rt.manifest)
+    plain = rt.generate(_periodic(batch), 32, plan, stop_tokens=[])
+    spec = rt.generate(_periodic(batch), 32, plan, stop_tokens=[], strategy="speculative", draft=Draft((0,), 3, True),
+                       lookup=1, memory=False)
+    assert spec.tokens == plain.tokens and spec.extra["lookup_rounds"] > 0, spec.extra
+
+
+def test_lookup_sampling_runs_rounds_and_draws_real_tokens(tiny_llama_export):
+    """The one-hot draft path (its distribution is the accept test's deterministic case)."""
+    rt = Runtime.load(tiny_llama_export.folder)
+    out = rt.generate(_periodic(1), 24, stop_tokens=[], strategy="speculative", draft=Draft((0,), 3, True), lookup=1,
+                      sampling=Sampling(temperature=0.5, seed=1), memory=False)
+    assert out.extra["lookup_rounds"] > 0 and len(out.tokens[0]) == 24
+    assert all(0 <= t < rt.manifest.arch["vocab_size"] for t in out.tokens[0])
+
+
+def test_lookup_continuation():
+    look = Lookup(2, 4, 10.0)
+    done, start = torch.tensor([False]), torch.tensor([0])
+    seq = torch.tensor([[1, 2, 3, 4, 1, 2]])
+    assert look.continuation(seq, start, done, 4).tolist() == [[3, 4, 1, 2]]  # what followed the earlier (1, 2)
+    assert look.continuation(seq, start, done, 2).tolist() == [[3, 4]]
+    assert look.continuation(seq, torch.tensor([1]), done, 4) is None  # the match lies in the left padding
+    assert look.continuation(torch.tensor([[1, 2, 3, 4, 5, 6]]), start, done, 4) is None
+    two = torch.tensor([[1, 2, 3, 1, 2, 9, 1, 2], [7, 7, 7, 7, 7, 7, 7, 7]])
+    assert look.continuation(two, torch.tensor([0, 0]), torch.tensor([False, False]), 4).tolist() == \
+        [[9], [7]]  # the latest match per row (row 1's is one token before its end), cut to the shorter one
+    assert look.continuation(torch.tensor([[1, 2, 3, 1, 2], [4, 5, 6, 7, 8]]), torch.tensor([0, 0]),
+                             torch.tensor([False, True]), 4).tolist()[0] == [3, 1, 2]  # a stopped row never blocks
+
+
+def test_lookup_policy_backs_off_after_failures():
+    look = Lookup(3, 4, 10.0)
+    assert look.due(0) and look.gain() > 1.0  # an even prior: the first match is tried
+    for n in range(0, 100, 5):
+        look.update(n, 4, 0)
+    assert look.gain() < 1.0 and look.interval == look.max_interval and not look.due(look.next_try - 1)
+    look.update(look.next_try, 4, 4)
+    look.update(look.next_try, 4, 4)
+    assert look.gain() > 1.0 and look.interval == 1 and look.accepted == 8
+
+
 def test_expected_speedup():
     assert expected_speedup(4, 1.0, 2.0, 10.0) == pytest.approx(5 * 10 / (4 * 2 + 10))
     assert expected_speedup(1, 0.0, 2.0, 10.0) == pytest.approx(10 / 12)
@@ -239,6 +288,10 @@ def test_accept_sampling_reproduces_the_target_distribution():
         counts = torch.bincount(outcome[:, col], minlength=5).double()
         assert chisquare(counts.numpy(), (p * n).double().numpy()).pvalue > 1e-3
     assert accepted.double().mean().item() == pytest.approx(torch.minimum(p0, q).sum().item(), abs=0.005)
+    one_hot = torch.nn.functional.one_hot(torch.full((n, 1), 2), 5).float()  # a prompt-lookup (deterministic) draft
+    outcome, accepted = accept(torch.full((n, 1), 2), target_logits, one_hot, Sampling(temperature=1.0), g)
+    assert chisquare(torch.bincount(outcome[:, 0], minlength=5).double().numpy(), (p0 * n).double().numpy()).pvalue > 1e-3
+    assert accepted.double().mean().item() == pytest.approx(p0[2].item(), abs=0.005)
     wrong = torch.bincount(draft[:, 0], minlength=5).double()  # the draft's own tokens fail the same test
     assert chisquare(wrong.numpy(), (p0 * n).double().numpy()).pvalue < 1e-6
 
@@ -322,6 +375,13 @@ def test_smollm2_greedy_equals_plain_greedy(smollm2_export):
         assert spec.tokens == plain.tokens, draft
         one = rt.generate(prompts[:1], 24, plan, stop_tokens=[], strategy="speculative", draft=Draft(draft, 4, False))
         assert one.tokens == plain.tokens[:1], draft
+    quote = open("/usr/share/common-licenses/GPL-3").read()[2000:2600]
+    quoted = [quote + " " + quote[:200]]  # continues by quoting itself
+    plain = rt.generate(quoted, 32, plan, stop_tokens=[])
+    looked = rt.generate(quoted, 32, plan, stop_tokens=[], strategy="speculative", draft=Draft((0,), 4, True),
+                         lookup=3, memory=False)
+    assert looked.tokens == plain.tokens and looked.extra["lookup_accepted"] > 8, looked.extra
+    plain = rt.generate(prompts, 24, plan, stop_tokens=[])
     searched = rt.generate(prompts, 24, plan, stop_tokens=[], strategy="speculative",
                            draft=Draft(tuple(range(0, 30, 2)), 4, True), search=0.5, memory=False)
     assert searched.tokens == plain.tokens and searched.extra["skip_trials"] >= 2, searched.extra
