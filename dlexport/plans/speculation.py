@@ -5,8 +5,9 @@ a bounded time) on fitting text; its acceptance is then measured teacher-forced 
 speedup is not flattered by the selection. Two kinds of text: held-out prose, and *repetitive* text (a held-out
 passage quoted three times; acceptance is scored on the third copy, whose continuation the context gives away), for
 which the draft is re-chosen among the prefixes and the best skip sets, on repeated fitting text. The measured part
-is a short interleaved timed run of ``Runtime.generate(strategy="speculative")`` (the draft at its k, fixed; and
-adaptive, as deployed) against plain greedy on held-out prompts, every output compared token for token.
+is a short interleaved timed run of ``Runtime.generate(strategy="speculative")`` (the draft at its k, fixed;
+adaptive, as deployed; and adaptive with prompt lookup first) against plain greedy on held-out prompts, every output
+compared token for token.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from .draft import HEAD_FILE, DraftSearch, choose, write_draft_head
 WORTHWHILE_SPEEDUP = 1.05  # below this a gain is within the cost model's (and the timer's) error
 QUOTE_START = 4  # tokens of the third copy given in a repetitive prompt; the rest is the continuation
 RESCORED_SKIP_SETS = 3  # skip sets from the prose search re-scored on repetitive text
+LOOKUP = 3  # the n-gram the timed run's prompt-lookup configuration matches
 
 
 def repeated(rows: torch.Tensor, passage: int, copies: int = 3) -> torch.Tensor:
@@ -109,30 +111,35 @@ def speculation(o, export_dir, fit_ids: torch.Tensor, held_ids: torch.Tensor, *,
 
 
 def timed(rt, draft: Draft, prompts: torch.Tensor, new_tokens: int) -> dict:
-    """One interleaved run on the runtime ``rt``: per prompt plain greedy, the draft at fixed k, the draft adaptive
-    (rotating order), after a warm-up of each; decode time only (the prefill is the same work for all three). The
-    adaptive draft learns across the run's requests as it would deployed, from a fresh start."""
+    """One interleaved run on the runtime ``rt``: per prompt plain greedy, the draft at fixed k, the draft adaptive,
+    and adaptive with prompt lookup (``LOOKUP``) first (rotating order), after a warm-up of each; decode time only
+    (the prefill is the same work for all). The adaptive drafts learn across the run's requests as they would
+    deployed, from a fresh start."""
     plan = Plan.full(rt.manifest)
-    configs = {"plain": {}, "fixed": {"strategy": "speculative", "draft": draft},
-               "adaptive": {"strategy": "speculative", "draft": replace(draft, adaptive=True)}}
+    adaptive = {"strategy": "speculative", "draft": replace(draft, adaptive=True)}
+    configs = {"plain": {}, "fixed": {"strategy": "speculative", "draft": draft}, "adaptive": adaptive,
+               "lookup": {**adaptive, "lookup": LOOKUP}}
     names = list(configs)
     for kw in configs.values():
         rt.generate([prompts[0].tolist()], 2, plan, stop_tokens=[], **kw)
     rt.speculators.clear()  # what the warm-up (or another text kind's run) learned
     runs = {n: [] for n in names}
     for i, p in enumerate(prompts.tolist()):
-        for name in names[i % 3:] + names[:i % 3]:
+        for name in names[i % len(names):] + names[:i % len(names)]:
             runs[name].append(rt.generate([p], new_tokens, plan, stop_tokens=[], **configs[name]))
     decode = {n: sum(g.total_s - g.prefill_s for g in runs[n]) for n in names}
-    identical = all(a.tokens == b.tokens for n in ("fixed", "adaptive") for a, b in zip(runs["plain"], runs[n]))
+    identical = all(a.tokens == b.tokens for n in names[1:] for a, b in zip(runs["plain"], runs[n]))
     out = {"prompts": len(runs["plain"]), "prompt_tokens": int(prompts.shape[1]), "new_tokens": new_tokens,
            "threads": rt.threads, "identical": identical,
            "plain_tokens_per_s": round(len(runs["plain"]) * new_tokens / decode["plain"], 3)}
-    for n in ("fixed", "adaptive"):
+    for n in names[1:]:
         drafted = sum(g.extra["drafted"] for g in runs[n])
         out[n] = {"speedup": round(decode["plain"] / decode[n], 4), "drafted": drafted,
                   "acceptance": round(sum(g.extra["accepted"] for g in runs[n]) / drafted, 4) if drafted else None,
                   "probes": sum(g.extra["probes"] for g in runs[n])}
+    looked = sum(g.extra["lookup_drafted"] for g in runs["lookup"])
+    out["lookup"].update(rounds=sum(g.extra["lookup_rounds"] for g in runs["lookup"]), lookup_acceptance=round(
+        sum(g.extra["lookup_accepted"] for g in runs["lookup"]) / looked, 4) if looked else None)
     return out
 
 
@@ -152,7 +159,8 @@ def verdict(section: dict, num_layers: int) -> str:
             f = m["fixed"]
             at = (f" against {f['predicted_at_run_acceptance']:.2f}x predicted at the run's {f['acceptance']:.0%} "
                   "acceptance" if f.get("predicted_at_run_acceptance") is not None else "")
-            text += f", timed {f['speedup']:.2f}x at fixed k{at}, {m['adaptive']['speedup']:.2f}x adaptive"
+            text += (f", timed {f['speedup']:.2f}x at fixed k{at}, {m['adaptive']['speedup']:.2f}x adaptive, "
+                     f"{m['lookup']['speedup']:.2f}x adaptive with prompt lookup")
         parts.append(text + ")")
     m = section["measured"]
     exact = "" if m is None else (" Speculative output was identical to plain greedy." if m["identical"] else
@@ -171,14 +179,16 @@ def markdown(section: dict, num_layers: int) -> list[str]:
              f"{s['repetitive']['passage_tokens']} tokens quoted three times, scored on the third copy. Predicted "
              "speedup: expected_speedup at that acceptance and k (runtime/speculative.py's cost model).", "",
              "| text | draft layers | k | acceptance (fit / held-out) | draft-head coverage | predicted | "
-             "measured fixed k | measured adaptive | identical |", "|---|---|---|---|---|---|---|---|---|"]
+             "measured fixed k | measured adaptive | measured adaptive + lookup | identical |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in section["kinds"]:
         m = r.get("measured")
         at = m["fixed"].get("predicted_at_run_acceptance") if m else None
         cells = ([f"{m['fixed']['speedup']:.2f}x" + (f" ({at:.2f}x predicted at the run's acceptance "
                                                      f"{m['fixed']['acceptance']:.3f})" if at is not None else ""),
-                  f"{m['adaptive']['speedup']:.2f}x", "yes" if m["identical"] else "**NO**"]
-                 if m else ["not measured"] * 2 + [""])
+                  f"{m['adaptive']['speedup']:.2f}x", f"{m['lookup']['speedup']:.2f}x",
+                  "yes" if m["identical"] else "**NO**"]
+                 if m else ["not measured"] * 3 + [""])
         lines.append(f"| {r['text']} | {r['kind']} {_span(r['layers'])} ({len(r['layers'])}/{num_layers}) | {r['k']} "
                      f"| {r['acceptance_fit']:.3f} / {r['acceptance']:.3f} | {r['vocabulary_coverage']:.3f} | "
                      f"{r['predicted_speedup']:.2f}x | " + " | ".join(cells) + " |")
@@ -187,8 +197,9 @@ def markdown(section: dict, num_layers: int) -> list[str]:
         runs = "; ".join(f"{r['text']}: prompts of {r['measured']['prompt_tokens']} tokens, "
                          f"{r['measured']['new_tokens']} new tokens, plain {r['measured']['plain_tokens_per_s']:.1f} "
                          "tok/s" for r in section["kinds"])
-        lines += ["", f"Measured: one interleaved run of plain greedy, the draft at fixed k and the draft adaptive "
-                  f"(as `plan calibrate-draft` writes it), {m['prompts']} held-out prompts per kind ({runs}), "
+        lines += ["", f"Measured: one interleaved run of plain greedy, the draft at fixed k, the draft adaptive "
+                  f"(as `plan calibrate-draft` writes it) and adaptive with prompt lookup of the last {LOOKUP} tokens "
+                  f"first, {m['prompts']} held-out prompts per kind ({runs}), "
                   f"{m['threads']} thread(s); speedup = plain decode time / speculative decode time (prefill "
                   "excluded)."]
     return lines + ["", f"**{section['verdict']}**", ""]

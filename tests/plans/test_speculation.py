@@ -65,6 +65,7 @@ def test_section_predicts_with_the_runtime_cost_model_and_measures_exactly(opene
         assert f["predicted_at_run_acceptance"] == pytest.approx(expected_speedup(
             r["k"], f["acceptance"], cost, plan_cost, DRAFT_OVERHEAD, VERIFY_EXTRA), abs=1e-3)
         assert m["adaptive"]["drafted"] + m["adaptive"]["probes"] > 0
+        assert m["lookup"]["speedup"] > 0 and "rounds" in m["lookup"]
     assert sec["measured"]["identical"] and "identical to plain greedy" in sec["verdict"]
 
 
@@ -76,9 +77,10 @@ def test_verdict_follows_the_held_out_prediction():
     assert "breaks even" in verdict(sec, 4)
     row["predicted_speedup"] = 0.8
     row["measured"] = {"fixed": {"speedup": 1.1, "acceptance": 0.6, "predicted_at_run_acceptance": 1.08},
-                       "adaptive": {"speedup": 1.0}, "identical": True}
+                       "adaptive": {"speedup": 1.0}, "lookup": {"speedup": 1.2}, "identical": True}
     sec["measured"] = {"identical": False}  # a lucky short run does not overrule thousands of held-out positions
     assert "does not pay" in verdict(sec, 4) and "1.08x predicted at the run's 60% acceptance" in verdict(sec, 4)
+    assert "1.20x adaptive with prompt lookup" in verdict(sec, 4)
     assert "DIFFERED" in verdict(sec, 4)
 
 
