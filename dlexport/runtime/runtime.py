@@ -73,7 +73,8 @@ class Runtime:
         self.grouping = False  # layer groups for each request's plan are opened on its first use (export folders)
         self._groups: dict[int, list[Engine]] = {}  # first layer -> the groups starting there, longest first
         self._grouping_lock = threading.Lock()
-        self.speculators: dict = {}  # (plan layers, draft, search) -> the last request's Speculator (its learning)
+        self.speculators: dict = {}  # learning_key -> the last such request's Speculator (what it learned)
+        self.learned: dict[str, dict] = {}  # learning_key -> a snapshot from load_learning (used until replaced)
         for e in engines.values():
             if e.layers:
                 self._add_group(e)
@@ -222,6 +223,21 @@ class Runtime:
         """A new sorted list, swapped in whole: requests on other threads read the old one meanwhile."""
         at = self._groups.get(group.layers[0], [])
         self._groups[group.layers[0]] = sorted(at + [group], key=lambda g: -len(g.layers))
+
+    def save_learning(self, path: Path | str) -> None:
+        """Write what speculative requests learned (their draft layers, acceptance evidence and schedules), so that
+        a later process starts from it (``load_learning``) instead of from scratch."""
+        from .speculative import save_learning
+
+        save_learning(Path(path), self.manifest, {**self.learned, **{k: spec.snapshot() for k, spec in
+                                                                      list(self.speculators.items())}})
+
+    def load_learning(self, path: Path | str) -> int:
+        """Start speculative requests from a ``save_learning`` file of this model; returns its entries."""
+        from .speculative import load_learning
+
+        self.learned.update(load_learning(Path(path), self.manifest))
+        return len(self.learned)
 
     def check_length(self, prompt_len: int, max_new_tokens: int) -> int:
         """The KV slots a request needs, refused with the way out when the model's context is too short."""

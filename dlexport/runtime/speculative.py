@@ -400,25 +400,41 @@ class Speculator:
         self.hits, self.misses = self.skip.evidence.get(layers, (0.0, 0.0))
         self._decide()
 
-    def resume(self, prior: "Speculator") -> None:
-        """Start from what an earlier request with the same plan and draft learned: its draft layers, its decayed
-        acceptance evidence (per depth, per skip set) and its probe and trial intervals, so that a stream of
-        requests converges once instead of every request probing from scratch. The draft still starts switched off
-        unless that evidence predicts a gain."""
-        self.evidence = {d: list(e) for d, e in list(prior.evidence.items())}
-        if self.skip is not None and prior.skip is not None:
-            self.skip.evidence = {s: list(e) for s, e in list(prior.skip.evidence.items())}
-            self.skip.layers, self.skip.interval = prior.skip.layers, prior.skip.interval
+    def snapshot(self) -> dict:
+        """What a later request resumes from (``resume``), as JSON-able data (``Runtime.save_learning``): the draft's
+        layers, the decayed acceptance evidence (overall, per depth, per skip set, of prompt lookup) and the probe
+        and trial schedules, as tokens still to wait."""
+        snap = {"layers": list(self.layers), "hits": self.hits, "misses": self.misses, "interval": self.interval,
+                "probe_in": max(0, self.next_probe - self.seen - 1),
+                "depths": {str(d): list(e) for d, e in list(self.evidence.items())}}
+        if self.skip is not None:
+            snap["skip"] = {"layers": list(self.skip.layers), "interval": self.skip.interval,
+                            "trial_in": max(0, self.skip.next_trial - self.seen - 1),
+                            "sets": [[list(k), list(e)] for k, e in list(self.skip.evidence.items())]}
+        if self.lookup is not None:
+            snap["lookup"] = [self.lookup.hits, self.lookup.misses]
+        return snap
+
+    def resume(self, snap: dict) -> None:
+        """Start from what an earlier request with the same plan and draft learned (a ``snapshot``), so that a
+        stream of requests converges once instead of every request probing from scratch. The draft still starts
+        switched off unless that evidence predicts a gain."""
+        self.evidence.update((int(d), list(e)) for d, e in snap["depths"].items() if int(d) in self.evidence)
+        skip = snap.get("skip")
+        if self.skip is not None and skip is not None:
+            self.skip.evidence = {tuple(k): list(e) for k, e in skip["sets"]}
+            self.skip.layers, self.skip.interval = tuple(skip["layers"]), skip["interval"]
             self.skip.neighbour = self.skip.propose()
-            self.skip.next_trial = max(self.skip.window + 1, prior.skip.next_trial - prior.seen - 1)
-        if prior.layers != self.layers and self.skip is not None:
-            self.move_to(prior.layers)
-        elif prior.layers != self.layers:
-            self._to_depth(len(prior.layers))
-        self.hits, self.misses = prior.hits, prior.misses
-        self.interval, self.next_probe = prior.interval, max(0, prior.next_probe - prior.seen - 1)
-        if self.lookup is not None and prior.lookup is not None:
-            self.lookup.hits, self.lookup.misses = prior.lookup.hits, prior.lookup.misses
+            self.skip.next_trial = max(self.skip.window + 1, skip["trial_in"])
+        layers = tuple(snap["layers"])
+        if layers != self.layers and self.skip is not None:
+            self.move_to(layers)
+        elif layers != self.layers and len(layers) in self.evidence:  # a depth the search moved to
+            self._to_depth(len(layers))
+        self.hits, self.misses = snap["hits"], snap["misses"]
+        self.interval, self.next_probe = snap["interval"], snap["probe_in"]
+        if self.lookup is not None and "lookup" in snap:
+            self.lookup.hits, self.lookup.misses = snap["lookup"]
         if self.adaptive:
             self._decide()
 
@@ -566,6 +582,73 @@ class Speculator:
                 "switched_off": self.switched_off, "off_message": self.off_message}
 
 
+def learning_key(plan: Plan, draft: Draft, search, lookup: int) -> str:
+    """What a request's learning is kept under: its plan's layers and its draft's settings, as a JSON string (the
+    same in memory and in a file from ``Runtime.save_learning``)."""
+    import json
+
+    return json.dumps({"plan": list(plan.layers), "draft": draft.to_json(), "search": search, "lookup": lookup},
+                      sort_keys=True)
+
+
+LEARNING_FORMAT = "dlexport-speculation"
+
+
+def save_learning(path: Path, manifest, snapshots: dict[str, dict]) -> None:
+    """Write what the requests learned (``learning_key`` -> ``Speculator.snapshot``) to ``path`` (replacing only a
+    file of this format; written atomically), for a later process to ``load_learning``."""
+    from ..files import check_replaceable, write_json_atomic
+
+    check_replaceable(path, LEARNING_FORMAT, "learning file")
+    write_json_atomic(Path(path), {"format": LEARNING_FORMAT, "version": 1, "model": manifest.fingerprint,
+                                   "entries": snapshots})
+
+
+def load_learning(path: Path, manifest) -> dict:
+    """The snapshots in a ``save_learning`` file, each checked, refused whole (naming the file) when it is not one,
+    belongs to another model or holds a malformed entry."""
+    from ..errors import CorruptFileError
+    from ..files import read_json
+
+    data = read_json(Path(path), "learning file")
+    if data.get("format") != LEARNING_FORMAT or data.get("version") != 1:
+        raise CorruptFileError(f"{path} is not a {LEARNING_FORMAT} file (version 1) written by Runtime.save_learning")
+    if data.get("model") != manifest.fingerprint:
+        raise CorruptFileError(f"{path} was learned on another model (fingerprint {data.get('model')!r}, this export "
+                               f"{manifest.fingerprint!r}): learn on this one, or load the file with its own export")
+    entries = data.get("entries")
+    if not isinstance(entries, dict) or not all(_snapshot_ok(v, manifest.num_layers) for v in entries.values()):
+        raise CorruptFileError(f"{path}: an entry is malformed (edited, or written by another version): recreate it")
+    return entries
+
+
+def _snapshot_ok(snap, num_layers: int) -> bool:
+    def num(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+    def pair(x):
+        return isinstance(x, list) and len(x) == 2 and all(map(num, x))
+
+    def layers(x):
+        return (isinstance(x, list) and 0 < len(x) < num_layers and x == sorted(set(x))
+                and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_layers for i in x))
+
+    def count(x):
+        return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 1 << 20
+
+    try:
+        skip, look = snap.get("skip"), snap.get("lookup")
+        return (layers(snap["layers"]) and num(snap["hits"]) and num(snap["misses"]) and count(snap["interval"])
+                and snap["interval"] >= 1 and count(snap["probe_in"]) and isinstance(snap["depths"], dict)
+                and all(d.isdigit() and pair(e) for d, e in snap["depths"].items())
+                and (skip is None or (layers(skip["layers"]) and count(skip["interval"]) and skip["interval"] >= 1
+                                      and count(skip["trial_in"])
+                                      and all(layers(k) and pair(e) for k, e in skip["sets"])))
+                and (look is None or pair(look)))
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return False
+
+
 # -- the cheap draft head ------------------------------------------------------------------------------------------
 class DraftHead:
     """The exit head over a calibrated vocabulary subset (exporter/draft_head.py), used only to draft.
@@ -634,9 +717,11 @@ class Speculative(Strategy):
         if lookup:
             self.spec.lookup = Lookup(lookup, max(LOOKUP_K, draft.k), self.spec.plan_cost)
         if memory:  # without it a request neither reads nor leaves what requests learn
-            key = (tuple(plan.layers), draft, search, lookup)
-            if key in runtime.speculators:
-                self.spec.resume(runtime.speculators[key])
+            key = learning_key(plan, draft, search, lookup)
+            prior = runtime.speculators.get(key)
+            snap = prior.snapshot() if prior is not None else runtime.learned.get(key)
+            if snap is not None:
+                self.spec.resume(snap)
             runtime.speculators[key] = self.spec
         for block in self.spec.blocks():  # the draft's runs as groups (verification runs the plan's)
             runtime.open_groups(block)

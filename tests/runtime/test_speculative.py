@@ -1,10 +1,13 @@
 """Self-speculative decoding: greedy equals plain greedy token for token; sampling keeps the full model's distribution."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from scipy.stats import chisquare
 
+from dlexport.errors import CorruptFileError, FolderError
 from dlexport.pipeline import export
 from dlexport.exporter.draft_head import subset_head
 from dlexport.files import sha256_file
@@ -247,6 +250,43 @@ def test_lookup_policy_backs_off_after_failures():
     look.update(look.next_try, 4, 4)
     look.update(look.next_try, 4, 4)
     assert look.gain() > 1.0 and look.interval == 1 and look.accepted == 8
+
+
+def test_learning_saved_to_a_file_starts_the_next_process_there(quiet_runtime, tmp_path):
+    rt = Runtime.load(quiet_runtime.manifest.folder)  # nothing learned yet
+    prompts = _prompts(rt.manifest.arch["vocab_size"])[:1]
+    plan = Plan.skip(rt.manifest, (0, 1, 2, 3), name="saved")
+    kw = dict(stop_tokens=[], strategy="speculative", draft=Draft((1, 2), 4, True), search=0.5)
+    first = rt.generate(prompts, 48, plan, **kw)
+    assert first.extra["draft_layers"] == [0]
+    rt.save_learning(tmp_path / "learned.json")
+    fresh = Runtime.load(rt.manifest.folder)
+    assert fresh.load_learning(tmp_path / "learned.json") >= 1
+    second = fresh.generate(prompts, 48, plan, **kw)
+    assert second.tokens == first.tokens and second.extra["draft_layers"] == [0] and not second.extra["skip_moves"]
+    assert second.extra["drafted"] > first.extra["drafted"]
+
+
+def test_learning_files_are_refused_whole_when_wrong(quiet_runtime, tmp_path):
+    rt = quiet_runtime
+    rt.generate(_prompts(512)[:1], 16, stop_tokens=[], strategy="speculative", draft=Draft((1, 2), 4, True))
+    path = tmp_path / "learned.json"
+    rt.save_learning(path)
+    good = json.loads(path.read_text())
+    for change, message in [(lambda d: d.update(format="other"), "is not a dlexport-speculation file"),
+                            (lambda d: d.update(model="0" * 16), "learned on another model"),
+                            (lambda d: next(iter(d["entries"].values())).update(layers=[0, 9]), "malformed"),
+                            (lambda d: next(iter(d["entries"].values())).update(hits=-1), "malformed")]:
+        bad = json.loads(json.dumps(good))
+        change(bad)
+        path.write_text(json.dumps(bad))
+        with pytest.raises(CorruptFileError, match=message):
+            Runtime.load(rt.manifest.folder).load_learning(path)
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"mine": 1}')
+    with pytest.raises(FolderError, match="not a dlexport-speculation file"):
+        rt.save_learning(mine)
+    assert mine.read_text() == '{"mine": 1}'  # left as it was
 
 
 def test_expected_speedup():
