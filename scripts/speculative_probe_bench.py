@@ -1,7 +1,11 @@
-"""Issue 15: adaptive self-speculation with bounded re-probing and a cheap draft head, against plain decoding.
+"""Issue 15: adaptive self-speculation (cheap draft head, online searches, prompt lookup) against plain decoding.
 
-    python scripts/speculative_probe_bench.py --export exports/smollm2 --plan PLAN.json \
-        --set prose --prompts 60 --new-tokens 16 --out benchmarks/speculative-2026-12-01
+    python scripts/speculative_probe_bench.py --export exports/smollm2 --plan PLAN.json --set prose --prompts 60 \
+        --new-tokens 16 --configs plain calibrated calibrated-full-head calibrated+lookup lookup-k8 skip-search \
+        --out benchmarks/speculative-2026-12-02b
+
+Configurations (``all_configs``): the plan's calibrated draft, the same with the full head, with prompt lookup,
+prefix-12 with either head, and the skip-set search from the calibration's best skip set or from every other layer.
 
 After a warm-up of each configuration (its layer groups composed and opened), every prompt runs plain greedy
 decoding and each configuration, in an order that rotates per prompt (interleaved);
