@@ -100,6 +100,9 @@ def _mean_layer_size(manifest) -> float:
 # slower than plain, 1.0 and 1.8 layer units, against 0.13 and 0.4 from the head's weights.
 DRAFT_OVERHEAD, VERIFY_EXTRA, PROBE_OVERHEAD = 1.0, 0.05, 1.0
 LOOKUP_K = 8  # the longest prompt-lookup draft (it costs no layers; its length follows its acceptance)
+# A skip-set trial's cost per extra position scored: on SmolLM2 a trial of two 29-layer sets over 8 positions took
+# 2.98 plain steps (benchmarks/speculative-2026-12-02b/trialcost.py), against 2.1 at VERIFY_EXTRA.
+TRIAL_EXTRA = 0.12
 
 
 def expected_speedup(k: int, alpha: float, draft_cost: float, plan_cost: float, overhead: float = 0.0,
@@ -158,7 +161,7 @@ class SkipSearch:
         return max(1, math.ceil(self.trial_cost() / (self.budget * self.plan_cost)))
 
     def trial_cost(self) -> float:
-        return (self.set_cost(self.layers) + self.set_cost(self.neighbour)) * (1 + VERIFY_EXTRA * self.window)
+        return (self.set_cost(self.layers) + self.set_cost(self.neighbour)) * (1 + TRIAL_EXTRA * self.window)
 
     def due(self, n: int) -> bool:
         """A trial at token index ``n``: scheduled, and ``window`` generated positions to score it on."""

@@ -172,7 +172,7 @@ def test_skip_set_search_policy():
     costs = {i: 1.0 for i in range(4)}
     search = SkipSearch((1, 2), (0, 1, 2, 3), lambda s: sum(costs[i] for i in s), lambda a, c: a * 4 / (c + 1), 5.0,
                         budget=0.5, window=4)
-    assert search.neighbour in {(1,), (2,)} and search.interval == 2  # (2 + 1) layers x 1.2 / (0.5 x 5), rounded up
+    assert search.neighbour in {(1,), (2,)} and search.interval == 2  # (2 + 1) layers x 1.48 / (0.5 x 5), rounded up
     assert not search.due(4) and search.due(5)  # and the first trial needs 4 generated positions before it
     moved = search.scored(5, {(1, 2): 0.0, search.neighbour: 4.0}, 4)  # the neighbour agrees everywhere
     assert moved is not None and search.layers == moved and search.moves == 1
