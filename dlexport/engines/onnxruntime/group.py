@@ -19,7 +19,8 @@ such inputs (one sliding window or none, one rotary kind) and have the same fill
 The hidden states between its layers are outputs too (``hidden_states_out.k``: after the group's first k layers),
 so a strategy that reads the plan's hidden state at some depth (a prefix draft's shadow probe, the online depth
 search) runs the whole group and reads it there instead of splitting the run into sessions. A tap is a value the
-graph computes anyway: SmolLM2's 30-layer group decodes as fast with its 29 taps bound as without (1.01x, 1 thread).
+graph computes anyway: SmolLM2's 30-layer group decodes as fast with its 29 taps bound as without (1.01x, 1 thread;
+``benchmarks/speculative-2026-12-02b/tapcost.py``).
 """
 from __future__ import annotations
 
