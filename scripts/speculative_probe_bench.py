@@ -20,6 +20,7 @@ import json
 import platform
 import sys
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -55,12 +56,8 @@ def repetitive_prompts(count: int, length: int, tokenizer) -> list[list[int]]:
 
 
 def _counts(extras) -> dict:
-    """How many requests ended with each draft layer set."""
-    counts = {}
-    for x in extras:
-        key = ",".join(map(str, x["draft_layers"]))
-        counts[key] = counts.get(key, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+    """How many requests ended with each draft layer set, most first."""
+    return dict(Counter(",".join(map(str, x["draft_layers"])) for x in extras).most_common())
 
 
 def main() -> None:
@@ -92,14 +89,15 @@ def main() -> None:
                    "half-skip-search": replace(head, layers=tuple(range(0, rt.num_layers, 2)), k=4),
                    "calibrated+lookup": (head, {"lookup": 3}),  # prompt lookup first, then the calibrated draft
                    "lookup-k8": (replace(head, k=8), {"lookup": 3})}
-    configs = {n: all_configs[n] for n in args.configs}
+    # name -> (draft or None for plain, extra strategy options)
+    configs = {n: all_configs[n] if isinstance(all_configs[n], tuple) else (all_configs[n], {}) for n in args.configs}
     if args.set == "prose":
         prompts = [p["ids"] for p in prose_prompts(args.prompts, args.prompt_tokens, rt.tokenizer)]
     else:
         prompts = repetitive_prompts(args.prompts, args.prompt_tokens, rt.tokenizer)
     names = list(configs)
     for name in names:  # a warm-up of each: its layer groups composed and opened (once per process), nothing learned
-        draft, extra = configs[name] if isinstance(configs[name], tuple) else (configs[name], {})
+        draft, extra = configs[name]
         kw = {"strategy": "speculative", "draft": draft, "memory": False, **extra} if draft else {}
         rt.generate([prompts[0]], 2, full, stop_tokens=[], **kw)
     rec = {n: [] for n in names}
@@ -107,7 +105,7 @@ def main() -> None:
     for i, p in enumerate(prompts):
         order = names[i % len(names):] + names[:i % len(names)]
         for name in order:
-            draft, extra = configs[name] if isinstance(configs[name], tuple) else (configs[name], {})
+            draft, extra = configs[name]
             kw = {"strategy": "speculative", "draft": draft, "memory": not args.no_memory, **extra} if draft else {}
             rec[name].append(rt.generate([p], args.new_tokens, full, stop_tokens=[], **kw))
         plain = rec["plain"][-1].tokens
@@ -121,8 +119,8 @@ def main() -> None:
         gens = rec[name]
         tps = sum(g.new_tokens for g in gens) / sum(g.total_s for g in gens)
         row = {"tokens_per_s": round(tps, 3), "vs_plain": round(tps / base, 4), "identical_to_plain": True}
-        if configs[name]:
-            draft = configs[name][0] if isinstance(configs[name], tuple) else configs[name]
+        draft = configs[name][0]
+        if draft:
             e = [g.extra for g in gens]
             drafted, accepted = sum(x["drafted"] for x in e), sum(x["accepted"] for x in e)
             probes = sum(x["probes"] for x in e)

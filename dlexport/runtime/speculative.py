@@ -105,6 +105,16 @@ LOOKUP_K = 8  # the longest prompt-lookup draft (it costs no layers; its length 
 TRIAL_EXTRA = 0.12
 
 
+def estimate(hits: float, misses: float) -> float:
+    """A per-token acceptance estimate from decayed evidence, with half a pseudo-count of each outcome."""
+    return (hits + 0.5) / (hits + misses + 1.0)
+
+
+def backoff(interval: int, base: int, cap: int) -> int:
+    """The next interval after a probe or trial that found nothing: doubled from at least ``base``, at most ``cap``."""
+    return min(max(interval, base) * 2, cap)
+
+
 def expected_speedup(k: int, alpha: float, draft_cost: float, plan_cost: float, overhead: float = 0.0,
                      verify_extra: float = 0.0) -> float:
     """Tokens per cost relative to plain decoding, if each drafted token is accepted with probability alpha.
@@ -178,8 +188,7 @@ class SkipSearch:
         return self.rng.choice(pool) if pool else None
 
     def alpha(self, layers) -> float:
-        h, m = self.evidence.get(layers, (0.0, 0.0))
-        return (h + 0.5) / (h + m + 1.0)
+        return estimate(*self.evidence.get(layers, (0.0, 0.0)))
 
     def value(self, layers) -> float:
         return self.gain(self.alpha(layers), self.set_cost(layers))
@@ -196,8 +205,7 @@ class SkipSearch:
             self.layers, self.moves = self.neighbour, self.moves + 1
         self.neighbour = self.propose()
         self.base_interval = self._interval()
-        self.interval = self.base_interval if better else min(max(self.interval, self.base_interval) * 2,
-                                                              self.max_interval)
+        self.interval = self.base_interval if better else backoff(self.interval, self.base_interval, self.max_interval)
         self.next_trial = n + self.interval
         return moved
 
@@ -234,9 +242,8 @@ class Lookup:
 
     def gain(self, k: int | None = None) -> float:
         """Tokens per cost against plain decoding for a round of ``k`` (default: the best length)."""
-        k, alpha = k or self.best_k(), self.alpha
-        tokens = (1 - alpha ** (k + 1)) / (1 - alpha)
-        return tokens * self.plan_cost / (self.plan_cost * (1 + self.verify_extra * k) + self.overhead)
+        k = k or self.best_k()  # no layers drafted: the round's overhead is its only draft cost
+        return expected_speedup(k, self.alpha, self.overhead / k, self.plan_cost, 0.0, self.verify_extra)
 
     def best_k(self) -> int:
         return max(range(1, self.k + 1), key=self.gain)
@@ -264,7 +271,7 @@ class Lookup:
         """A lookup round at token index ``n`` drafted ``k`` tokens and accepted ``j``."""
         self.rounds, self.drafted, self.accepted = self.rounds + 1, self.drafted + k, self.accepted + j
         self.hits, self.misses = self.hits * self.decay + j, self.misses * self.decay + float(j < k)
-        self.interval = 1 if self.gain() > 1.0 else min(self.interval * 2, self.max_interval)
+        self.interval = 1 if self.gain() > 1.0 else backoff(self.interval, 1, self.max_interval)
         self.next_try = n + j + 1 + self.interval
 
 
@@ -337,7 +344,11 @@ class Speculator:
         self._turn = 0
         if self.shadow:
             self.probe_cost += self.probe_overhead + (self.head_cost * self.search_per_step if self.candidates else 0.0)
-        self.base_interval = self.interval = max(1, math.ceil(self.probe_cost / (self.probe_budget * self.plan_cost)))
+        self.base_interval = self.interval = self._probe_interval()
+
+    def _probe_interval(self) -> int:
+        """Tokens between probes that keep failing probes under ``probe_budget`` of the plan's cost."""
+        return max(1, math.ceil(self.probe_cost / (self.probe_budget * self.plan_cost)))
 
     def gain(self, k: int, alpha: float, draft_cost: float | None = None) -> float:
         return expected_speedup(k, alpha, self.draft_cost if draft_cost is None else draft_cost, self.plan_cost,
@@ -358,10 +369,7 @@ class Speculator:
         e[0], e[1] = e[0] * self.decay + hits, e[1] * self.decay + misses
 
     def _depth_gain(self, depth: int) -> float:
-        h, m = self.evidence[depth]
-        alpha = (h + 0.5) / (h + m + 1.0)
-        cost = self.prefix_costs[depth] + self.head_cost
-        return self.best_gain(alpha, cost)
+        return self.best_gain(estimate(*self.evidence[depth]), self.prefix_costs[depth] + self.head_cost)
 
     def _sync_depth(self) -> None:
         """Record the current depth's evidence, then move to the best scored depth."""
@@ -399,7 +407,7 @@ class Speculator:
         self.draft_cost = self.probe_cost = self.set_cost(layers)
         if self.shadow:
             self.probe_cost = self.head_cost + self.probe_overhead
-        self.base_interval = max(1, math.ceil(self.probe_cost / (self.probe_budget * self.plan_cost)))
+        self.base_interval = self._probe_interval()
         self.hits, self.misses = self.skip.evidence.get(layers, (0.0, 0.0))
         self._decide()
 
@@ -495,7 +503,7 @@ class Speculator:
     @property
     def alpha(self) -> float:
         """Per-token acceptance estimate from recent evidence, with half a pseudo-count of each outcome."""
-        return (self.hits + 0.5) / (self.hits + self.misses + 1.0)
+        return estimate(self.hits, self.misses)
 
     def next_k(self, n: int, remaining: int) -> int:
         """Draft length for the next step at token index ``n``: 0 for a plain step (or a shadow probe)."""
@@ -525,7 +533,7 @@ class Speculator:
         promising = ((hit >= 0.5 and self.best_gain(optimistic, self.draft_cost) > self.margin)
                      or self.depth_moves > moves)  # or it moved to a depth that did
         # a promising probe is followed up at once (evidence for switching on); failures space probes out
-        self.interval = 1 if promising else min(max(self.interval, self.base_interval) * 2, self.max_interval)
+        self.interval = 1 if promising else backoff(self.interval, self.base_interval, self.max_interval)
         self.next_probe = n + self.interval
         self._decide()
 
@@ -575,7 +583,7 @@ class Speculator:
                 "layer_cost_speedup": self.emitted * self.plan_cost / spent if spent else None,
                 "expected_speedup_at_measured_acceptance": self.gain(max(self.k, 1), self.alpha)
                 if self.drafted else None, "final_depth": len(self.layers), "depth_moves": self.depth_moves,
-                "depths_scored": {d: round((e[0] + .5) / (sum(e) + 1), 3) for d, e in self.evidence.items() if sum(e)},
+                "depths_scored": {d: round(estimate(*e), 3) for d, e in self.evidence.items() if sum(e)},
                 "skip_trials": self.skip.trials if self.skip else 0, "skip_moves": self.skip.moves if self.skip else 0,
                 "lookup_rounds": self.lookup.rounds if self.lookup else 0,
                 "lookup_drafted": self.lookup.drafted if self.lookup else 0,
