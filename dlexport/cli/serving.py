@@ -59,6 +59,10 @@ def _repo_options(p) -> None:
     p.add_argument("--no-batching", action="store_true", help="no dynamic batching: one request per call")
     p.add_argument("--streaming", action="store_true", help="decoupled mode: one response per token (gRPC stream)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="for requests that give none")
+    p.add_argument("--lookup", type=int, default=0, metavar="N", help="speculative requests that give no 'lookup' "
+                   "draft by prompt lookup of their last N tokens first (0: off)")
+    p.add_argument("--no-learning", action="store_true", help="do not keep what speculation learned across "
+                   "restarts (a repository's NAME/learning.json)")
 
 
 def _named_plan(text: str) -> tuple[str, Path]:
@@ -78,7 +82,8 @@ def _settings(args):
     return RepoSettings(name=args.name, device=args.device, threads=args.threads, instances=args.instances,
                         max_batch_size=args.max_batch_size, queue_delay_us=args.queue_delay_us,
                         batching=not args.no_batching, streaming=args.streaming,
-                        max_new_tokens=args.max_new_tokens, plans=plans)
+                        max_new_tokens=args.max_new_tokens, plans=plans, lookup=args.lookup,
+                        learning=not args.no_learning)
 
 
 def _serve_repo(args) -> int:

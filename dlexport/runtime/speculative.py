@@ -747,7 +747,7 @@ class Speculative(Strategy):
         if spec.skip is not None and spec.skip.due(state.n):
             self._trial(state)
         if spec.lookup is not None and spec.lookup.due(state.n):
-            cont = spec.lookup.continuation(torch.cat([state.ids, state.out[:, :state.n]], 1), state.pad[:, 0],
+            cont = spec.lookup.continuation(state.text_so_far(), state.pad[:, 0],
                                             state.done, min(spec.lookup.best_k(), state.max_new_tokens - state.n - 1))
             if cont is not None:
                 return self._lookup_round(state, cont)

@@ -93,7 +93,9 @@ class DecodeState:
         self.pad = (~self.valid).sum(1, keepdim=True)
         self.slot = prompt_len  # slot of the last emitted token, which no layer has run yet
         self.generator = sampling.generator(dev)
-        self.out = torch.zeros(self.batch, max_new_tokens, dtype=torch.int64, device=dev)
+        self.text = torch.zeros(self.batch, prompt_len + max_new_tokens, dtype=torch.int64, device=dev)
+        self.text[:, :prompt_len] = self.ids  # prompt, then the output: a request's whole text, with no copy per step
+        self.out = self.text[:, prompt_len:]
         self.done = torch.zeros(self.batch, dtype=torch.bool, device=dev)
         self.stop_ids = torch.tensor(sorted(stops), dtype=torch.int64, device=dev) if stops else None
         self.steps: list[StepStats] = []
@@ -130,6 +132,10 @@ class DecodeState:
     # -- positions, emitted tokens and stops -----------------------------------------------------------------------
     def positions(self, slot: int, tokens: int = 1) -> torch.Tensor:
         return (torch.arange(slot, slot + tokens, device=self.runtime.device)[None] - self.pad).clamp_(min=0)
+
+    def text_so_far(self) -> torch.Tensor:
+        """[B, T + n]: the (left-padded) prompt and the tokens emitted so far, a view."""
+        return self.text[:, :self.ids.shape[1] + self.n]
 
     def last_tokens(self) -> torch.Tensor:
         return self.out[:, self.n - 1:self.n]

@@ -6,6 +6,8 @@ are merged into one left-padded batch (the runtime's batch path is exact): greed
 strategy (plain or speculative) and no early exit. Early exit and per-sequence depth decide for the whole batch,
 and a seeded sample draws from one generator per batch, so those requests run alone. A batch that the runtime
 refuses (one bad request among good ones) is re-run request by request, so each gets its own answer or error.
+What speculative requests learn carries to the next request in the instance (``Runtime.speculators``) and, with
+the repository's learning file, across restarts: read when the instance starts, written when it stops.
 """
 from __future__ import annotations
 
@@ -32,13 +34,17 @@ class Job:
     strategy: str
     plan_name: str
     plan: Plan | None
+    lookup: int = 0
+
+    def options(self) -> dict:
+        return {"lookup": self.lookup} if self.strategy == "speculative" else {}
 
     def key(self):
         """Jobs with equal keys give the same tokens batched as alone; None: run alone."""
         exits = self.plan is not None and self.plan.exit is not None and self.strategy == "plain"
         if not self.sampling.greedy or self.strategy not in BATCHABLE or exits:
             return None
-        return self.plan_name, self.strategy, isinstance(self.prompt, str)
+        return self.plan_name, self.strategy, isinstance(self.prompt, str), self.lookup
 
 
 @dataclass
@@ -63,6 +69,15 @@ class TritonPythonModel:
         self.plans = {"full": Plan.full(manifest)}
         self.plans.update((name, load_plan(model_dir / rel, manifest)) for name, rel in s["plans"].items())
         self.default_max_new_tokens = s["max_new_tokens"]
+        self.default_lookup = s.get("lookup", 0)
+        self.learning = model_dir / s["learning"] if s.get("learning") else None
+        if self.learning is not None and self.learning.exists():
+            try:
+                self.runtime.load_learning(self.learning)
+            except DlexportError as e:  # serve from scratch, and leave the file as it is for a look
+                pb_utils.Logger.log_warn(f"{self.name}: not starting from {self.learning} ({e}); it is kept and "
+                                         "not written over")
+                self.learning = None
         self.stops = set(self.runtime.eos)
         counter = pb_utils.MetricFamily.COUNTER
         self.families = {
@@ -80,6 +95,14 @@ class TritonPythonModel:
                                                       "mean batch size)"),
         }
         self.metrics = {}
+
+    def finalize(self):
+        """Triton unloads the model (a server stopping): keep what speculation learned for the next start."""
+        if self.learning is not None and self.runtime.speculators:
+            try:
+                self.runtime.save_learning(self.learning)
+            except DlexportError as e:
+                pb_utils.Logger.log_warn(f"{self.name}: what speculation learned was not saved: {e}")
 
     # -- metrics --------------------------------------------------------------------------------------------------
     def _count(self, family: str, value: float, job: Job) -> None:
@@ -126,8 +149,13 @@ class TritonPythonModel:
                              "(or none: the folder's default); add plans with `dlexport serve-repo --plan NAME=FILE`")
         sampling = Sampling(scalar("temperature", 0.0, float), scalar("top_k", 0, int), scalar("top_p", 1.0, float),
                             scalar("seed", None, int))
+        lookup = scalar("lookup", None, int)
+        if lookup and strategy != "speculative":
+            raise InputError(f"lookup {lookup} drafts by prompt lookup, which only strategy 'speculative' does: send "
+                             "strategy 'speculative' with it, or no lookup")
+        lookup = (self.default_lookup if lookup is None else lookup) if strategy == "speculative" else 0
         return Job(prompt, scalar("max_new_tokens", self.default_max_new_tokens, int), sampling, strategy,
-                   plan_name, self.plans.get(plan_name))
+                   plan_name, self.plans.get(plan_name), lookup)
 
     def execute(self, requests):
         jobs, answers = {}, {}
@@ -158,7 +186,7 @@ class TritonPythonModel:
         n = max(j.max_new_tokens for j in jobs)
         try:
             g = self.runtime.generate([j.prompt for j in jobs], n, first.plan, sampling=first.sampling,
-                                      strategy=first.strategy)
+                                      strategy=first.strategy, **first.options())
         except (DlexportError, ValueError) as e:
             if len(jobs) == 1:
                 return [e]
@@ -197,7 +225,7 @@ class TritonPythonModel:
         n = max(j.max_new_tokens for j in group)
         try:
             events = self.runtime.stream([j.prompt for j in group], n, first.plan, sampling=first.sampling,
-                                         strategy=first.strategy)
+                                         strategy=first.strategy, **first.options())
             event = next(events)
         except (DlexportError, ValueError) as e:
             if len(group) == 1:

@@ -40,7 +40,7 @@ class Reply:
 
 def inputs(protocol: str, prompt, max_new_tokens: int | None = None, *, plan: str | None = None,
            strategy: str | None = None, temperature: float | None = None, top_k: int | None = None,
-           top_p: float | None = None, seed: int | None = None) -> list:
+           top_p: float | None = None, seed: int | None = None, lookup: int | None = None) -> list:
     """The request's input tensors: ``prompt`` is text or a list of token ids; unset fields take the server's
     defaults (the folder's default plan, plain greedy decoding, the repository's max_new_tokens)."""
     m = _module(protocol)
@@ -58,7 +58,7 @@ def inputs(protocol: str, prompt, max_new_tokens: int | None = None, *, plan: st
     for name, value, dtype, triton in (("max_new_tokens", max_new_tokens, np.int32, "INT32"),
                                        ("temperature", temperature, np.float32, "FP32"),
                                        ("top_k", top_k, np.int32, "INT32"), ("top_p", top_p, np.float32, "FP32"),
-                                       ("seed", seed, np.int64, "INT64")):
+                                       ("seed", seed, np.int64, "INT64"), ("lookup", lookup, np.int32, "INT32")):
         if value is not None:
             add(name, np.array([[value]], dtype=dtype), triton)
     for name, value in (("plan", plan), ("strategy", strategy)):

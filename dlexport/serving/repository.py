@@ -6,10 +6,13 @@ Layout (``REPO`` is a folder dlexport owns; the export or engine folder is refer
     REPO/NAME/serving.json          what the model loads: the folder, device, threads, plans by name
     REPO/NAME/plans/PLAN.json       the plans served (with their exit adapters), selectable per request
     REPO/NAME/1/model.py            imports dlexport.serving.backend: all the work is in the library
+    REPO/NAME/learning.json         what speculative requests learned (draft layers, acceptance), written by each
+                                    instance when the server stops and read when it starts (``learning``)
 
 Inputs (all but one prompt optional; one prompt per request, concurrent requests are batched by the server):
 ``text`` (BYTES) or ``input_ids`` (INT64), ``max_new_tokens`` (INT32), ``temperature``/``top_p`` (FP32), ``top_k``
-(INT32), ``seed`` (INT64), ``strategy`` and ``plan`` (BYTES). Outputs: ``text_output`` (BYTES), ``output_ids``
+(INT32), ``seed`` (INT64), ``strategy`` and ``plan`` (BYTES), ``lookup`` (INT32: speculative requests' prompt-lookup
+n-gram, 0 off; default the repository's). Outputs: ``text_output`` (BYTES), ``output_ids``
 (INT64), ``layers_executed`` (INT64: decoder layers run for this request's tokens) and ``mean_layers`` (FP32).
 """
 from __future__ import annotations
@@ -40,7 +43,9 @@ INPUTS = [  # name, Triton type, dims (after the batch dimension), optional
     ("seed", "TYPE_INT64", [1], True),
     ("strategy", "TYPE_STRING", [1], True),
     ("plan", "TYPE_STRING", [1], True),
+    ("lookup", "TYPE_INT32", [1], True),
 ]
+LEARNING = "learning.json"
 OUTPUTS = [("text_output", "TYPE_STRING", [1]), ("output_ids", "TYPE_INT64", [-1]),
            ("layers_executed", "TYPE_INT64", [1]), ("mean_layers", "TYPE_FP32", [1])]
 
@@ -64,6 +69,8 @@ class RepoSettings:
     streaming: bool = False  # decoupled: one response per token
     max_new_tokens: int = 32  # when a request gives none
     plans: dict[str, Path] = field(default_factory=dict)  # name -> plan.json
+    lookup: int = 0  # speculative requests' prompt-lookup n-gram when a request gives none (0: off)
+    learning: bool = True  # keep what speculation learned across server restarts (NAME/learning.json)
 
     def check(self) -> None:
         if not NAME.match(self.name):
@@ -73,6 +80,7 @@ class RepoSettings:
         checks.integer(self.max_batch_size, "max_batch_size", 1, 1024)
         checks.integer(self.queue_delay_us, "queue_delay_us", 0, 10_000_000)
         checks.integer(self.max_new_tokens, "default max_new_tokens", 1, 1 << 20)
+        checks.integer(self.lookup, "default lookup", 0, 64, fix="give 0 (off) or the n-gram to match, e.g. 3")
         if self.threads is not None:
             checks.integer(self.threads, "threads", 1, 4096)
         for plan in self.plans:
@@ -128,12 +136,13 @@ def write_repository(folder: Path | str, out: Path | str, settings: RepoSettings
             else:
                 shutil.copyfile(path, target)
         carried[name] = f"plans/{name}.json"
-    own.add(*names)
+    own.add(*names, *([f"{settings.name}/{LEARNING}"] if settings.learning else []))  # learning: written later
     write_bytes_atomic(model / "config.pbtxt", config_pbtxt(settings).encode())
     write_json_atomic(model / "serving.json", {
         "format": FORMAT, "version": VERSION, "folder": str(folder), "fingerprint": manifest.fingerprint,
         "device": settings.device, "threads": settings.threads, "max_new_tokens": settings.max_new_tokens,
-        "streaming": settings.streaming, "plans": carried})
+        "streaming": settings.streaming, "plans": carried, "lookup": settings.lookup,
+        "learning": LEARNING if settings.learning else None})
     write_bytes_atomic(model / "1" / "model.py", MODEL_PY.format(root=str(_dlexport_root())).encode())
     return model
 

@@ -22,6 +22,14 @@ def test_repository_layout_references_the_folder(tiny_llama_export, served_plans
     config = (model / "config.pbtxt").read_text()
     assert "dynamic_batching" in config and "decoupled" not in config and "KIND_CPU" in config
     assert "from dlexport.serving.backend import TritonPythonModel" in (model / "1" / "model.py").read_text()
+    assert s["lookup"] == 0 and s["learning"] == "learning.json"
+    assert "dlexport/learning.json" in json.loads((tmp_path / "repo" / ".dlexport-folder.json").read_text())["files"]
+
+
+def test_learning_and_lookup_settings(tiny_llama_export, tmp_path):
+    s = read_serving(write_repository(tiny_llama_export.folder, tmp_path / "repo",
+                                      RepoSettings(lookup=3, learning=False)))
+    assert s["lookup"] == 3 and s["learning"] is None
 
 
 def test_settings_shape_the_config(tiny_llama_export, tmp_path):
@@ -62,6 +70,7 @@ def test_plan_adapters_travel_with_the_plan(tiny_llama_export, tmp_path):
     (RepoSettings(name="a b"), "model name"),
     (RepoSettings(instances=0), "instances"),
     (RepoSettings(plans={"full": "x.json"}), "'full' always serves every layer"),
+    (RepoSettings(lookup=-2), "default lookup"),
 ])
 def test_bad_settings_are_refused(tiny_llama_export, tmp_path, settings, words):
     with pytest.raises(InputError, match=words):
@@ -81,3 +90,12 @@ def test_a_users_folder_is_never_written(tiny_llama_export, tmp_path):
 def test_a_missing_environment_names_the_command(tmp_path):
     with pytest.raises(MissingFileError, match="dlexport serve --prepare-env"):
         check_env(tmp_path / "none")
+
+
+def test_serve_repo_cli_options(tiny_llama_export, tmp_path):
+    from dlexport.cli import main
+
+    assert main(["serve-repo", str(tiny_llama_export.folder), "--out", str(tmp_path / "repo"), "--lookup", "3",
+                 "--no-learning"]) == 0
+    s = read_serving(tmp_path / "repo" / "dlexport")
+    assert s["lookup"] == 3 and s["learning"] is None

@@ -51,6 +51,19 @@ def test_tokens_equal_generate(server, reference, served_plans, protocol, plan, 
         assert got.mean_layers < 4, "the exit plan was meant to exit: make its threshold lower"
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_prompt_lookup_requests_equal_generate(server, reference, served_plans, protocol):
+    """A repetitive prompt, so that lookup rounds run (the library's tests check them against plain greedy)."""
+    client = connect(server.http_url if protocol == "http" else server.grpc_url, protocol)
+    prompt = PROMPTS[4] * 3
+    want = reference.generate([prompt], 12, load_plan(served_plans["spec"], reference.manifest),
+                              strategy="speculative", lookup=2)
+    assert want.extra["lookup_rounds"] > 0
+    got = generate(client, prompt, 12, plan="spec", strategy="speculative", lookup=2)
+    assert got.tokens == want.tokens[0]
+    assert got.layers_executed == sum(s.layers_executed for s in want.steps)
+
+
 def test_seeded_sampling_equals_generate(server, reference):
     client = connect(server.grpc_url, "grpc")
     sampling = Sampling(temperature=0.9, top_p=0.9, seed=7)
@@ -97,6 +110,8 @@ BAD = [  # (description, request fields, words the error must contain)
     ("unknown strategy", dict(prompt=[1, 2], strategy="magic"), ["unknown strategy"]),
     ("speculative without a draft", dict(prompt=[1, 2], strategy="speculative", plan="skip"), ["draft"]),
     ("bad temperature", dict(prompt=[1, 2], temperature=-1.0), ["temperature"]),
+    ("lookup without speculation", dict(prompt=[1, 2], lookup=2), ["lookup", "speculative"]),
+    ("negative lookup", dict(prompt=[1, 2], strategy="speculative", plan="spec", lookup=-1), ["lookup", "-1"]),
 ]
 
 
@@ -152,3 +167,37 @@ def test_a_bad_request_batched_with_good_ones_spoils_nothing(server, reference):
         t.join(timeout=120)
     assert got[:6] == want
     assert "300 tokens" in got[6]
+
+
+def test_what_speculation_learned_survives_a_restart(triton_env, tiny_llama_export, served_plans, reference,
+                                                     tmp_path):
+    """Each run's instance writes the learning file when it stops; the next run starts from it (its entries are
+    still there after a run that added another), and a spoiled file is served around and left as it was."""
+    from dlexport.runtime.speculative import LEARNING_FORMAT
+
+    repo = tmp_path / "repo"
+    learning = repo / "dlexport" / "learning.json"
+    runs = [dict(plan="spec", strategy="speculative"), dict(plan="spec", strategy="speculative", lookup=2)]
+    keys = []
+    for fields in runs:
+        s = start_server(tiny_llama_export, served_plans, repo)
+        try:
+            got = generate(connect(s.http_url, "http"), PROMPTS[2], 8, **fields)
+            want = reference.generate([PROMPTS[2]], 8, load_plan(served_plans["spec"], reference.manifest),
+                                      strategy="speculative", lookup=fields.get("lookup", 0), memory=False)
+            assert got.tokens == want.tokens[0]
+        finally:
+            s.stop()
+        data = __import__("json").loads(learning.read_text())
+        assert data["format"] == LEARNING_FORMAT
+        keys.append(set(data["entries"]))
+    assert len(keys[0]) == 1 and keys[0] < keys[1], "the second run started from the first run's file"
+    learning.write_text("{ not json")
+    s = start_server(tiny_llama_export, served_plans, repo)
+    try:
+        assert generate(connect(s.http_url, "http"), PROMPTS[2], 4, **runs[0]).tokens == \
+            reference.generate([PROMPTS[2]], 4, load_plan(served_plans["spec"], reference.manifest),
+                               strategy="speculative", memory=False).tokens[0]
+    finally:
+        s.stop()
+    assert learning.read_text() == "{ not json"
