@@ -15,8 +15,10 @@ def test_serve_a_folder_then_ctrl_c(triton_env, tiny_llama_export, reference):
     ports = [free_port() for _ in range(3)]
     cmd = [sys.executable, "-m", "dlexport", "serve", str(tiny_llama_export.folder), "--threads", "1",
            "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
+    # SIGINT as at a terminal, even when the suite itself runs in the background (`cmd &` starts with it ignored)
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         cwd=Path(__file__).resolve().parents[2])
+                         cwd=Path(__file__).resolve().parents[2],
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = p.stdout.readline()  # blocks until ready (or the command failed)
         assert line.startswith("ready: HTTP 127.0.0.1:"), (line, p.stderr.read() if p.poll() is not None else "")
