@@ -101,19 +101,22 @@ def decode_rate(gens) -> float:
 def pass_ratio(rt: Runtime, plan: Plan, prompt: list[int], positions: int, reps: int = 40) -> float:
     """What one plan pass over ``positions`` new tokens costs against a one-token pass on this host (medians of
     interleaved timings after ``prompt``): the verification's extra cost that layer costs leave out."""
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=rt.device)
     cache = rt.new_cache(plan.layers, 1, ids.shape[1] + positions)
     cache.valid[:] = True
     times = {1: [], positions: []}
     with torch.inference_mode():
-        rt.run_layers(rt.embed(ids, torch.arange(ids.shape[1])[None]), plan.layers, cache)
+        rt.run_layers(rt.embed(ids, torch.arange(ids.shape[1], device=rt.device)[None]), plan.layers, cache)
+        sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
         for _ in range(reps):
             for m in times:
                 for i in plan.layers:
                     cache.rollback(i, ids.shape[1])
-                seg = rt.embed(ids[:, :m], torch.arange(ids.shape[1], ids.shape[1] + m)[None])
+                seg = rt.embed(ids[:, :m], torch.arange(ids.shape[1], ids.shape[1] + m, device=rt.device)[None])
+                sync()
                 t0 = time.perf_counter()
                 rt.run_layers(seg, plan.layers, cache)
+                sync()
                 times[m].append(time.perf_counter() - t0)
     return statistics.median(times[positions]) / statistics.median(times[1])
 
@@ -262,6 +265,7 @@ def main() -> None:
     ap.add_argument("--depth-new-tokens", type=int, default=8)
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.9])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (onnxruntime-gpu; see ../shared/gpu/README.md)")
     ap.add_argument("--tag", default="", help="depth results go to depth-TAG.json (e.g. for other thresholds)")
     args = ap.parse_args()
 
@@ -274,11 +278,12 @@ def main() -> None:
             "command": "python scripts/speculative_depth_bench.py " + " ".join(
                 f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
                 for k, v in vars(args).items()),
-            "machine": f"{platform.machine()}, {args.threads} thread(s), CPU ONNX Runtime, 2 cores shared with "
-                       "other jobs"}
-    smol = Runtime.load(args.smollm2, threads=args.threads)
+            "machine": f"{platform.machine()}, {args.threads} thread(s), "
+                       + ("CPU ONNX Runtime, 2 cores shared with other jobs" if args.device == "cpu" else
+                          f"ONNX Runtime on {args.device}")}
+    smol = Runtime.load(args.smollm2, threads=args.threads, device=args.device)
     if "speculative" in args.sections:
-        quiet = Runtime.load(ensure_quiet(args.quiet, log), threads=args.threads)
+        quiet = Runtime.load(ensure_quiet(args.quiet, log), threads=args.threads, device=args.device)
         n = smol.num_layers
         smol_configs = {"plain": None,
                         "prefix-12": Draft(tuple(range(12)), 4, False),
