@@ -84,11 +84,17 @@ def speculative_section(rt: Runtime, configs: dict[str, Draft | None], prompts, 
                                                                          spec.plan_cost),
                        predicted_speedup_at_measured_acceptance=expected_speedup(draft.k, alpha, spec.draft_cost,
                                                                                  spec.plan_cost),
-                       verify_pass_ratio=ratio,
-                       attainable_speedup_all_accepted=expected_speedup(draft.k, 1.0, spec.draft_cost, spec.plan_cost,
-                                                                        verify_extra=(ratio - 1) / draft.k))
+                       verify_pass_ratio=ratio)
+            row["attainable_speedup_all_accepted"] = attainable(row, 1.0)
         out[name] = row
     return out
+
+
+def attainable(r: dict, alpha: float) -> float:
+    """A run's speedup at acceptance ``alpha`` with its pass over k+1 positions costing what it was measured to:
+    at the run's own acceptance, decode vs plain over this is what the machinery keeps."""
+    return expected_speedup(r["k"], alpha, r["draft_cost"], r["plan_cost"],
+                            verify_extra=(r["verify_pass_ratio"] - 1) / r["k"])
 
 
 def decode_rate(gens) -> float:
@@ -192,12 +198,6 @@ def ensure_quiet(folder: Path, log) -> Path:
     return folder
 
 
-def _attainable_at_acceptance(r: dict) -> float:
-    """The attainable speedup at the run's own acceptance: decode vs plain over this is what the machinery keeps."""
-    return expected_speedup(r["k"], r["acceptance_rate"], r["draft_cost"], r["plan_cost"],
-                            verify_extra=(r["verify_pass_ratio"] - 1) / r["k"])
-
-
 def readme(out: Path) -> str:
     """A summary table of the section files present in ``out``."""
     lines = ["# Self-speculative decoding and per-sequence depth", ""]
@@ -221,7 +221,7 @@ def readme(out: Path) -> str:
                                  f"{r['theoretical_speedup_all_accepted']:.2f}x | "
                                  f"{r['attainable_speedup_all_accepted']:.2f}x "
                                  f"(pass of {r['k'] + 1}: {r['verify_pass_ratio']:.2f}x) | "
-                                 f"{_attainable_at_acceptance(r):.2f}x | "
+                                 f"{attainable(r, r['acceptance_rate']):.2f}x | "
                                  f"{r['switched_off']}/{section['prompts']} |")
                 else:
                     lines.append(f"| {name} | {r['tokens_per_s']:.2f} | 1.00x | {r['decode_tokens_per_s']:.2f} | "
@@ -229,8 +229,8 @@ def readme(out: Path) -> str:
             lines += ["", "Decode: the tokens after the first over the time after the prefill (speculation changes "
                       "only that phase). Theoretical: layer costs (weight sizes), every draft accepted, a pass over "
                       "k+1 positions costing one pass. Attainable here: the same with the pass over k+1 positions "
-                      "costing what it was measured to cost on this host (against a one-token pass, medians of interleaved timings); at "
-                      "measured acceptance: that, at the run's own acceptance.", ""]
+                      "costing what it was measured to cost on this host (against a one-token pass, medians of "
+                      "interleaved timings); at measured acceptance: that, at the run's own acceptance.", ""]
     for path in sorted(out.glob("depth*.json")):
         results = json.loads(path.read_text())
         d = results["depth"]["summary"]

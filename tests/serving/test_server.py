@@ -1,6 +1,7 @@
 """The served model answers exactly what the library answers, for many clients at once, and survives bad requests."""
 from __future__ import annotations
 
+import json
 import random
 import re
 import threading
@@ -188,7 +189,7 @@ def test_what_speculation_learned_survives_a_restart(triton_env, tiny_llama_expo
             assert got.tokens == want.tokens[0]
         finally:
             s.stop()
-        data = __import__("json").loads(learning.read_text())
+        data = json.loads(learning.read_text())
         assert data["format"] == LEARNING_FORMAT
         keys.append(set(data["entries"]))
     assert len(keys[0]) == 1 and keys[0] < keys[1], "the second run started from the first run's file"
